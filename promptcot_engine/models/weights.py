@@ -25,11 +25,11 @@ def load_weights(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torc
             if target is None:
                 unexpected.append(name)
                 continue
+            seen.add(name)
             if tuple(tensor.shape) != tuple(target.shape):
                 misshaped.append(f"{name} {tuple(tensor.shape)} (expected {tuple(target.shape)})")
                 continue
             target.copy_(tensor)
-            seen.add(name)
     missing = sorted(set(expected) - seen)
     problems = []
     for label, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
