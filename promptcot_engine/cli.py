@@ -25,9 +25,11 @@ def main():
 
 
 def _register() -> None:
+    from promptcot_engine.em.commands import dedup
+    from promptcot_engine.engine.commands import generate, score
     from promptcot_engine.models.commands import convert
 
-    for command in (convert,):
+    for command in (convert, dedup, generate, score):
         main.add_command(command)
 
 
