@@ -26,10 +26,9 @@ def main():
 
 def _register() -> None:
     from promptcot_engine.em.commands import dedup
-    from promptcot_engine.engine.commands import generate, score
     from promptcot_engine.models.commands import convert
 
-    for command in (convert, dedup, generate, score):
+    for command in (convert, dedup):
         main.add_command(command)
 
 
