@@ -1,0 +1,180 @@
+"""Attention that reads keys and values from the paged KV cache through block tables.
+
+Layout (shared with kv_cache_store and flash-attn): k_cache, v_cache [num_blocks, block_size, num_kv_heads,
+head_dim]; block_tables int32 [B, max_blocks_per_seq], where entries past a sequence's last block are
+padding (any value, never read); context_lens int32 [B]: the tokens in the cache for each sequence,
+including those of the current step. Query head h reads kv head h // (num_heads // num_kv_heads), as
+transformers' repeat_kv does.
+
+- decode (one new token per sequence): `paged_decode_attention` runs the Triton kernel on CUDA and
+  `paged_decode_attention_torch`, its batched reference, elsewhere;
+- prefill of new tokens after a cached prefix (prefix-cache hits, chunked prefill, recompute after
+  preemption): `paged_prefill_attention_torch`, the CPU path (flash-attn's varlen kernel does it on GPU).
+
+A sequence with context_len 0 (a padding row of a captured CUDA graph) gets a zero output, not NaN.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode_attention_kernel(
+    out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, scale,
+    q_stride_b, q_stride_h, out_stride_b, out_stride_h,
+    cache_stride_block, cache_stride_slot, cache_stride_head, block_tables_stride,
+    block_size, queries_per_kv, head_dim,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (sequence, kv head): the query heads sharing that kv head form the rows of one
+    matrix product per tile of BLOCK_N cached tokens, so each key and value is loaded once for all of them."""
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + seq)
+
+    group = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    heads = kv_head * queries_per_kv + group
+    q_mask = (group < queries_per_kv)[:, None] & (dims < head_dim)[None, :]
+    q = tl.load(q_ptr + seq * q_stride_b + heads[:, None] * q_stride_h + dims[None, :], mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # online softmax in fp32; a large finite negative, not -inf, so exp(m_old - m_new) never becomes NaN
+    m = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for start in range(0, context_len, BLOCK_N):
+        positions = start + tl.arange(0, BLOCK_N)
+        in_context = positions < context_len
+        # tiles need not align with cache blocks: each position finds its own block, so any block_size works
+        block_ids = tl.load(block_tables_ptr + seq * block_tables_stride + positions // block_size, mask=in_context, other=0)
+        rows = block_ids.to(tl.int64) * cache_stride_block + (positions % block_size) * cache_stride_slot + kv_head * cache_stride_head
+        kv_mask = in_context[:, None] & (dims < head_dim)[None, :]
+        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
+        scores = tl.where(in_context[None, :], scores, -1.0e30)
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+
+    # l >= 1 whenever the context is not empty (its maximum contributes exp(0)); an empty one leaves acc 0
+    out = acc / tl.maximum(l, 1.0)[:, None]
+    tl.store(out_ptr + seq * out_stride_b + heads[:, None] * out_stride_h + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                  out: torch.Tensor | None = None, *, block_n: int = 64,
+                                  num_warps: int = 4) -> torch.Tensor:
+    B, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    queries_per_kv = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("q, out and the caches need a unit stride on head_dim, and the caches equal strides")
+    _paged_decode_attention_kernel[(B, num_kv_heads)](
+        out, q, k_cache, v_cache, block_tables, context_lens, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        k_cache.shape[1], queries_per_kv, head_dim,
+        # tl.dot needs at least 16 rows: small groups are padded with masked heads
+        BLOCK_G=max(16, triton.next_power_of_2(queries_per_kv)), BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        # the interpreter computes bf16 products wrongly; on GPU bf16/fp16 stay on the tensor cores
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1",
+        DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+    )
+    return out
+
+
+def gather_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys, values) [B, max_blocks * block_size, num_kv_heads, head_dim]: each sequence's cached tokens
+    in order, zero past its context; and in_context [B, max_blocks * block_size]."""
+    block_size = k_cache.shape[1]
+    device = block_tables.device
+    first_position = torch.arange(block_tables.shape[1], device=device) * block_size
+    # padding entries may hold any value, so they are replaced before they are used as indices
+    block_ids = torch.where(first_position[None, :] < context_lens[:, None], block_tables.long(), 0)
+    in_context = torch.arange(block_tables.shape[1] * block_size, device=device)[None, :] < context_lens[:, None]
+    # slots past the context hold stale or never-written memory, possibly NaN, which a zero attention
+    # weight would not cancel (0 * NaN = NaN)
+    keep = in_context[:, :, None, None]
+    keys = torch.where(keep, k_cache[block_ids].flatten(1, 2), 0)
+    values = torch.where(keep, v_cache[block_ids].flatten(1, 2), 0)
+    return keys, values, in_context
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    B, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    dtype = _compute_dtype(q.dtype)
+    k, v, in_context = gather_paged_kv(k_cache, v_cache, block_tables, context_lens)
+    grouped_q = q.to(dtype).view(B, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("bhgd,bnhd->bhgn", grouped_q, k.to(dtype)) * scale
+    probs = scores.masked_fill(~in_context[:, None, None, :], float("-inf")).softmax(-1)
+    out = torch.einsum("bhgn,bnhd->bhgd", probs, v.to(dtype)).reshape(B, num_heads, head_dim)
+    # an empty context has an all-masked softmax row (NaN): give it zeros, as the kernel does
+    return torch.where((context_lens > 0)[:, None, None], out, 0.0).to(q.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v for one query token per sequence over its whole cached context.
+    q [B, num_heads, head_dim] -> [B, num_heads, head_dim] in q's dtype; softmax in fp32."""
+    if q.dim() != 3 or k_cache.dim() != 4 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"expected q [B, nh, d] and caches [blocks, block_size, nkv, d] with nh a multiple of nkv; "
+                         f"got {tuple(q.shape)} and {tuple(k_cache.shape)}")
+    if q.is_cuda:
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def paged_prefill_attention_torch(q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor,
+                                  v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                  scale: float) -> torch.Tensor:
+    """Causal attention of several sequences' new tokens over their cached context, the new tokens'
+    own keys and values already stored in it. q [T, num_heads, head_dim] holds the new tokens of sequence
+    b in rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]; they are the last tokens of its context_lens[b], so
+    new token i sits at position context_lens[b] - q_len[b] + i and sees cache positions up to its own.
+    Returns [T, num_heads, head_dim] in q's dtype."""
+    T, num_heads, head_dim = q.shape
+    device = q.device
+    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+    B = q_lens.shape[0]
+    max_q = int(q_lens.max())
+    seq_of_token = torch.repeat_interleave(torch.arange(B, device=device), q_lens)
+    index_in_seq = torch.arange(T, device=device) - cu_seqlens_q[seq_of_token].long()
+
+    padded_q = q.new_zeros(B, max_q, num_heads, head_dim)
+    padded_q[seq_of_token, index_in_seq] = q
+    k, v, in_context = gather_paged_kv(k_cache, v_cache, block_tables, context_lens)
+    # padding query rows get positions >= context_len, so they still see the whole context: no empty
+    # softmax row (NaN) appears even though their outputs are dropped
+    q_positions = (context_lens.long() - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
+    k_positions = torch.arange(k.shape[1], device=device)
+    visible = (k_positions[None, None, :] <= q_positions[:, :, None]) & in_context[:, None, :]
+    out = F.scaled_dot_product_attention(padded_q.transpose(1, 2), k.to(q.dtype).transpose(1, 2),
+                                         v.to(q.dtype).transpose(1, 2), attn_mask=visible[:, None], scale=scale,
+                                         enable_gqa=num_heads != k_cache.shape[2])
+    return out.transpose(1, 2)[seq_of_token, index_in_seq]
