@@ -25,10 +25,13 @@ def main():
 
 
 def _register() -> None:
+    from promptcot_engine.benchmarks.commands import bench
     from promptcot_engine.em.commands import dedup
+    from promptcot_engine.engine.commands import generate, score
     from promptcot_engine.models.commands import convert
+    from promptcot_engine.selfplay.commands import selfplay, sft_data
 
-    for command in (convert, dedup):
+    for command in (bench, convert, dedup, generate, score, selfplay, sft_data):
         main.add_command(command)
 
 

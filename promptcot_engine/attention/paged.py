@@ -1,0 +1,74 @@
+"""Attention over the paged KV cache: the AttentionFn the model runner hands to the model each step.
+
+Every step first stores the new tokens' K/V at their slots, then attends:
+- prefill, no cached context: plain causal attention over the new tokens (flash-attn varlen on CUDA,
+  padded SDPA on CPU): nothing needs to be read back from the cache;
+- prefill with a cached prefix (prefix cache hit, a later chunk, a recompute): queries attend to the
+  sequence's cached tokens through its block table (flash-attn varlen with block_table on CUDA; a
+  batched torch path otherwise);
+- decode, one query per sequence: flash_attn_with_kvcache, the Triton paged-decode kernel, or the batched
+  torch reference, by backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from promptcot_engine.attention.varlen import VarlenCausalAttention
+from promptcot_engine.kernels.kv_cache_store import store_kvcache
+from promptcot_engine.kernels.paged_attention import (
+    paged_decode_attention,
+    paged_decode_attention_torch,
+    paged_prefill_attention_torch,
+)
+
+
+@dataclass
+class AttentionMetadata:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32: cached tokens after this step's tokens are stored
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    max_seqlen_q: int
+    max_context_len: int
+    has_cached_context: bool  # some sequence attends to tokens computed in an earlier step
+
+
+class PagedAttention:
+    def __init__(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], metadata: AttentionMetadata,
+                 backend: str, scale: float):
+        self.kv_caches = kv_caches
+        self.metadata = metadata
+        self.backend = backend  # "torch", "triton" or "flash" (resolved by the model runner)
+        self.scale = scale
+        self.fresh = None
+        if metadata.is_prefill and not metadata.has_cached_context:
+            self.fresh = VarlenCausalAttention(metadata.cu_seqlens_q)
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        md = self.metadata
+        k_cache, v_cache = self.kv_caches[layer_idx]
+        store_kvcache(k, v, k_cache, v_cache, md.slot_mapping)
+        if self.fresh is not None:
+            return self.fresh(layer_idx, q, k, v)
+        if md.is_prefill:
+            if self.backend == "flash":
+                from flash_attn import flash_attn_varlen_func
+
+                cu_seqlens_k = torch.nn.functional.pad(md.context_lens.cumsum(0, dtype=torch.int32), (1, 0))
+                return flash_attn_varlen_func(q, k_cache, v_cache, md.cu_seqlens_q, cu_seqlens_k, md.max_seqlen_q,
+                                              md.max_context_len, softmax_scale=self.scale, causal=True,
+                                              block_table=md.block_tables)
+            return paged_prefill_attention_torch(q, md.cu_seqlens_q, k_cache, v_cache, md.block_tables,
+                                                 md.context_lens, self.scale)
+        if self.backend == "flash":
+            from flash_attn import flash_attn_with_kvcache
+
+            out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=md.context_lens,
+                                          block_table=md.block_tables, softmax_scale=self.scale, causal=True)
+            return out.squeeze(1)
+        if self.backend == "triton":
+            return paged_decode_attention(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale)
+        return paged_decode_attention_torch(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale)

@@ -1,0 +1,41 @@
+"""`promptcot bench generate`: sampling throughput of the engine against transformers' generate."""
+from __future__ import annotations
+
+import torch
+
+from promptcot_engine.benchmarks.common import chat_prompts, machine, timed
+from promptcot_engine.engine.llm import LLM
+from promptcot_engine.sampling_params import SamplingParams
+
+
+def run_generate_bench(model: str = "smollm2-135m-instruct", num_prompts: int = 16, n: int = 8, max_tokens: int = 128,
+                       temperature: float = 1.0, compare_hf: bool = True, device: str = "auto", dtype: str = "auto") -> dict:
+    llm = LLM(model, device=device, dtype=dtype, seed=0)
+    prompts = chat_prompts(llm.tokenizer, num_prompts)
+    # every sample runs to max_tokens on both sides, so both generate exactly the same number of tokens
+    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+    llm.engine.block_manager.reset_prefix_cache()
+    with timed() as t:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    result = {"workload": f"{num_prompts} prompts x n={n} x {max_tokens} new tokens, temperature {temperature}",
+              "generated_tokens": tokens, "engine_seconds": t["seconds"], "engine_tokens_per_s": tokens / t["seconds"],
+              "preemptions": llm.engine.scheduler.num_preemptions, **machine()}
+    if compare_hf:
+        from promptcot_engine.benchmarks.hf_reference import left_padded, load_hf_model
+
+        hf = load_hf_model(model, llm.engine.dtype, llm.engine.device)
+        pad = llm.tokenizer.eos_token_id or 0
+        ids, mask = left_padded(prompts, pad, llm.engine.device)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+        with torch.no_grad():
+            hf.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, pad_token_id=pad)  # warm-up
+            with timed() as t_hf:
+                out = hf.generate(ids, attention_mask=mask, num_return_sequences=n, max_new_tokens=max_tokens,
+                                  min_new_tokens=max_tokens, pad_token_id=pad, **sampling)
+        hf_tokens = (out.shape[1] - ids.shape[1]) * out.shape[0]
+        result.update({"hf_seconds": t_hf["seconds"], "hf_generated_tokens": hf_tokens,
+                       "hf_tokens_per_s": hf_tokens / t_hf["seconds"]})
+        result["speedup_vs_hf"] = result["engine_tokens_per_s"] / result["hf_tokens_per_s"]
+    return result

@@ -1,0 +1,118 @@
+"""CLI: promptcot generate, promptcot score (JSONL in, JSONL out)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from promptcot_engine.errors import InputError
+from promptcot_engine.jsonl import iter_jsonl, write_jsonl
+
+
+def engine_options(f):
+    """--model, --dtype, --device, --max-num-seqs, --kv-cache-gb: shared by every command that runs the engine."""
+    for decorator in reversed([
+        click.option("--model", default="smollm2-135m-instruct", show_default=True,
+                     help="HF checkpoint directory, .gguf file, or packaged model name."),
+        click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--max-num-seqs", default=256, show_default=True, help="Sequences decoded together."),
+        click.option("--kv-cache-gb", type=float, default=None, help="KV cache budget (default: profiled / 4 GiB on CPU)."),
+    ]):
+        f = decorator(f)
+    return f
+
+
+def make_llm(model: str, dtype: str, device: str, max_num_seqs: int, kv_cache_gb: float | None, seed: int = 0):
+    from promptcot_engine.engine.llm import LLM
+
+    return LLM(model, dtype=dtype, device=device, seed=seed, max_num_seqs=max_num_seqs, kv_cache_memory_gb=kv_cache_gb)
+
+
+def _read_prompts(path: Path, chat: bool, tokenizer) -> tuple[list[str], list[str]]:
+    ids, prompts = [], []
+    for line, record in iter_jsonl(path):
+        if "messages" in record:
+            if not isinstance(record["messages"], list):
+                raise InputError(f"{path}:{line}: field 'messages' must be a list of {{role, content}} objects")
+            prompts.append(tokenizer.apply_chat_template(record["messages"]))
+        elif isinstance(record.get("prompt"), str):
+            text = record["prompt"]
+            prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": text}]) if chat else text)
+        else:
+            raise InputError(f"{path}:{line}: needs a string field 'prompt' or a list field 'messages'")
+        ids.append(str(record.get("id", line)))
+    return ids, prompts
+
+
+@click.command()
+@engine_options
+@click.option("--input", "input_path", type=click.Path(path_type=Path), help="JSONL with 'prompt' or 'messages'.")
+@click.option("--prompt", "prompt_texts", multiple=True, help="A prompt given inline (repeatable).")
+@click.option("--output", type=click.Path(path_type=Path), help="JSONL to write (default: print the texts).")
+@click.option("--chat", is_flag=True, help="Wrap plain prompts in the model's chat template as a user turn.")
+@click.option("--n", default=1, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-k", default=-1, show_default=True)
+@click.option("--min-p", default=0.0, show_default=True)
+@click.option("--max-tokens", default=256, show_default=True)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--seed", type=int, default=None, help="Per-request seed (reproducible whatever the batch).")
+def generate(model, dtype, device, max_num_seqs, kv_cache_gb, input_path, prompt_texts, output, chat, n, temperature,
+             top_p, top_k, min_p, max_tokens, stop, seed):
+    """Generate completions for prompts from --input (JSONL) or --prompt."""
+    from promptcot_engine.sampling_params import SamplingParams
+
+    if not input_path and not prompt_texts:
+        raise InputError("give --input FILE.jsonl or at least one --prompt")
+    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens,
+                            stop=list(stop), seed=seed)
+    llm = make_llm(model, dtype, device, max_num_seqs, kv_cache_gb)
+    ids, prompts = _read_prompts(input_path, chat, llm.tokenizer) if input_path else ([], [])
+    for i, text in enumerate(prompt_texts):
+        ids.append(f"prompt{i}")
+        prompts.append(llm.tokenizer.apply_chat_template([{"role": "user", "content": text}]) if chat else text)
+    outputs = llm.generate(prompts, params)
+    if output:
+        write_jsonl(output, ({"id": i, "prompt": o.prompt, "outputs": [
+            {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason} for c in o.outputs]}
+            for i, o in zip(ids, outputs)))
+        click.echo(f"wrote {len(outputs)} records to {output}", err=True)
+        return
+    for o in outputs:
+        for c in o.outputs:
+            click.echo(c.text)
+
+
+@click.command()
+@engine_options
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="JSONL with 'context' and 'continuation' (a string or a list of segment strings).")
+@click.option("--output", required=True, type=click.Path(path_type=Path))
+@click.option("--token-logprobs/--no-token-logprobs", default=False, help="Also write every token's log-prob.")
+def score(model, dtype, device, max_num_seqs, kv_cache_gb, input_path, output, token_logprobs):
+    """Teacher-forced log-likelihood of each continuation given its context."""
+    ids, contexts, continuations = [], [], []
+    for line, record in iter_jsonl(input_path):
+        context, continuation = record.get("context"), record.get("continuation")
+        if not isinstance(context, str):
+            raise InputError(f"{input_path}:{line}: needs a string field 'context'")
+        if not (isinstance(continuation, str) or (isinstance(continuation, list) and continuation
+                                                   and all(isinstance(s, str) for s in continuation))):
+            raise InputError(f"{input_path}:{line}: 'continuation' must be a string or a list of strings")
+        ids.append(record.get("id", line))
+        contexts.append(context)
+        continuations.append(continuation)
+    llm = make_llm(model, dtype, device, max_num_seqs, kv_cache_gb)
+    results = llm.score(contexts, continuations)
+    records = []
+    for i, r in zip(ids, results):
+        record = {"id": i, "logprob_sum": r.logprob_sum, "num_tokens": len(r.token_ids), "is_greedy": r.is_greedy}
+        if r.segment_logprob_sums is not None:
+            record["segment_logprob_sums"] = r.segment_logprob_sums
+        if token_logprobs:
+            record["token_logprobs"] = r.token_logprobs
+        records.append(record)
+    write_jsonl(output, records)
+    click.echo(f"wrote {len(records)} records to {output}", err=True)

@@ -1,0 +1,218 @@
+"""LLMEngine: requests in, one scheduled forward per step, finished sequences out."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from promptcot_engine.config import EngineConfig
+from promptcot_engine.engine.block_manager import BlockManager
+from promptcot_engine.engine.detokenizer import IncrementalDetokenizer
+from promptcot_engine.engine.model_runner import ModelRunner
+from promptcot_engine.engine.sampler import sample
+from promptcot_engine.engine.scheduler import Scheduler
+from promptcot_engine.engine.sequence import Sequence, SequenceStatus, child_generator
+from promptcot_engine.errors import InputError
+from promptcot_engine.models.loader import load_model, resolve_device, resolve_dtype
+from promptcot_engine.sampling_params import SamplingParams
+
+_SCORING_PARAMS = SamplingParams(max_tokens=1)
+
+
+@dataclass
+class Request:
+    request_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: dict[int, Sequence] = field(default_factory=dict)  # sample index -> sequence
+    num_finished: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.num_finished == (1 if self.params is _SCORING_PARAMS else self.params.n)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model, self.checkpoint = load_model(config.model, self.dtype, self.device)
+        self.tokenizer = self.checkpoint.tokenizer
+        mc = self.model.config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.runner = ModelRunner(self.model, config, self.device, self.dtype, self.max_model_len)
+        self.block_manager = BlockManager(self.runner.num_blocks, self.runner.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        eos = set(self.checkpoint.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.requests: dict[int, Request] = {}
+        self.num_generated_tokens = 0
+        self.num_prefilled_tokens = 0
+
+    # ---- requests ---------------------------------------------------------------------------------------
+    def check_prompt(self, token_ids: list[int], what: str, max_new_tokens: int) -> None:
+        if not token_ids:
+            raise InputError(f"{what} is empty")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InputError(f"{what} has token id {bad}, outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise InputError(f"{what} has {len(token_ids)} tokens: longer than the model's context "
+                             f"({self.max_model_len} tokens, room for at least one more needed)")
+        need = -(-min(len(token_ids) + max_new_tokens, self.max_model_len) // self.runner.block_size)
+        if need > self.runner.num_blocks:
+            raise InputError(f"{what} needs {need} KV blocks but the cache has {self.runner.num_blocks}; "
+                             "raise kv_cache_memory_gb or lower max_tokens")
+
+    def add_request(self, request_id: int, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.check_prompt(prompt_token_ids, f"prompt {request_id}", params.max_tokens)
+        request = Request(request_id, list(prompt_token_ids), params)
+        leader = self._new_sequence(request, 0)
+        leader.num_pending_forks = params.n - 1
+        self.requests[request_id] = request
+        self.scheduler.add(leader)
+
+    def add_score_request(self, request_id: int, token_ids: list[int], score_start: int) -> None:
+        """Teacher-forced log-probs of token_ids[score_start:] given everything before each token."""
+        self.check_prompt(token_ids, f"pair {request_id}", 0)
+        request = Request(request_id, list(token_ids), _SCORING_PARAMS)
+        seq = Sequence(token_ids, _SCORING_PARAMS, request_id, 0, score_start=score_start)
+        request.seqs[0] = seq
+        self.requests[request_id] = request
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request: Request, index: int, parent: Sequence | None = None) -> Sequence:
+        seq = parent.fork(index) if parent else Sequence(request.prompt_token_ids, request.params, request.request_id, index)
+        if request.params.seed is not None:
+            seq.generator = child_generator(request.params.seed, index, self.device)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.skip_special_tokens)
+        request.seqs[index] = seq
+        return seq
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def pop_finished(self) -> list[Request]:
+        done = [r for r in self.requests.values() if r.finished]
+        for r in done:
+            del self.requests[r.request_id]
+        return done
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            raise RuntimeError("the scheduler found nothing to run while requests are pending")
+        sample_seqs, logits, scores = self.runner.run(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.mark_computed(seq)
+            if batch.is_prefill:
+                self.num_prefilled_tokens += n
+            if seq.is_scoring:
+                logprobs, is_argmax = scores.get(seq.seq_id, ([], []))
+                seq.score_logprobs += logprobs
+                seq.score_is_argmax += is_argmax
+                if seq.num_computed_tokens == seq.num_tokens:
+                    self._finish(seq, "stop", None)
+        if sample_seqs:
+            self._sample(sample_seqs, logits, batch.is_prefill)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, newly_prefilled: bool) -> None:
+        rows, all_seqs = [], []
+        for row, seq in enumerate(seqs):
+            rows.append(row)
+            all_seqs.append(seq)
+            if seq.num_pending_forks:
+                for child in self._fork(seq):
+                    rows.append(row)  # siblings draw their first token from the same prompt logits
+                    all_seqs.append(child)
+        if len(rows) != len(seqs):
+            logits = logits[rows]
+        self._suppress_stop_before_min_tokens(logits, all_seqs)
+        params = [s.params for s in all_seqs]
+        tokens, logprobs = sample(logits, params, [s.generator for s in all_seqs], self.generator,
+                                  want_logprobs=any(p.logprobs for p in params))
+        for i, (seq, token) in enumerate(zip(all_seqs, tokens.tolist())):
+            self._append_token(seq, token, None if logprobs is None else float(logprobs[i]))
+            if newly_prefilled and seq.status == SequenceStatus.RUNNING:
+                self.scheduler.admit_prefilled(seq)
+
+    def _fork(self, leader: Sequence) -> list[Sequence]:
+        """The request's other n - 1 samples, sharing the leader's prefilled prompt blocks."""
+        request = self.requests[leader.request_id]
+        children, copies = [], []
+        for index in range(1, leader.num_pending_forks + 1):
+            child = self._new_sequence(request, index, parent=leader)
+            if self.block_manager.can_fork(leader, 1):
+                copy = self.block_manager.fork(leader, child)
+                if copy:
+                    copies.append(copy)
+                child.status = SequenceStatus.RUNNING
+                children.append(child)
+            else:  # no room to copy the partial block now: prefill later, reusing the cached full blocks
+                child.status, child.num_computed_tokens, child.num_cached_tokens = SequenceStatus.WAITING, 0, 0
+                self.scheduler.add(child)
+        leader.num_pending_forks = 0
+        self.runner.copy_blocks(copies)
+        return children
+
+    def _suppress_stop_before_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if seq.num_output_tokens < p.min_tokens:
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+                if banned:
+                    logits[row, banned] = float("-inf")
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        self.num_generated_tokens += 1
+        if p.logprobs:
+            seq.output_logprobs.append(logprob)
+        new_text = seq.detokenizer.add(token)
+        seq.text += new_text
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return self._finish(seq, "stop", None)
+            if token in p.stop_token_ids:
+                return self._finish(seq, "stop", token)
+            if p.stop and new_text and self._truncate_at_stop_string(seq, len(new_text)):
+                return None
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length", None)
+
+    def _truncate_at_stop_string(self, seq: Sequence, new_chars: int) -> bool:
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, len(seq.text) - new_chars - longest + 1)
+        hits = [(seq.text.find(s, search_from), s) for s in seq.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        index, stop = min(hits)
+        seq.text = seq.text[:index]
+        self._finish(seq, "stop", stop, text_final=True)
+        return True
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason, text_final: bool = False) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        if not seq.is_scoring and not text_final:
+            seq.text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+        self.scheduler.finish(seq)
+        self.requests[seq.request_id].num_finished += 1
+
+    # ---- weights --------------------------------------------------------------------------------------------
+    def load_weights(self, named_tensors, source: str) -> None:
+        from promptcot_engine.models.weights import load_weights
+
+        if self.has_unfinished():
+            raise RuntimeError("load_weights while requests are running")
+        load_weights(self.model, named_tensors, source)
+        self.block_manager.reset_prefix_cache()  # cached KV was computed with the old weights

@@ -1,0 +1,178 @@
+"""ModelRunner: owns the model and the paged KV cache, turns a scheduled batch into one forward pass, and
+returns what the engine needs from it: next-token logits for sequences that reached their last token, and
+teacher-forced log-probs for scored positions (never a [tokens, vocab] tensor for the whole batch)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from promptcot_engine.attention.paged import AttentionMetadata, PagedAttention
+from promptcot_engine.attention.varlen import flash_attn_available
+from promptcot_engine.config import EngineConfig
+from promptcot_engine.engine.scheduler import ScheduledBatch
+from promptcot_engine.engine.sequence import Sequence
+from promptcot_engine.errors import InputError
+from promptcot_engine.kernels.fused_logprob import linear_logprob
+from promptcot_engine.models.decoder import DecoderForCausalLM
+
+GiB = 1 << 30
+CPU_DEFAULT_KV_GB = 2.0
+
+
+def resolve_attention_backend(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        if device.type != "cuda":
+            return "torch"
+        return "flash" if flash_attn_available(device) else "triton"
+    if requested in ("flash", "triton") and device.type != "cuda":
+        raise InputError(f"attention_backend={requested!r} needs a CUDA device (device is {device})")
+    if requested == "flash" and not flash_attn_available(device):
+        raise InputError("attention_backend='flash' needs flash-attn: pip install 'promptcot_engine[gpu]'")
+    return requested
+
+
+def available_cpu_memory() -> int:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderForCausalLM, config: EngineConfig, device: torch.device, dtype: torch.dtype,
+                 max_model_len: int):
+        self.model = model
+        self.max_model_len = max_model_len
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        mc = model.config
+        self.backend = resolve_attention_backend(config.attention_backend, device)
+        self.block_size = config.block_size or (256 if self.backend == "flash" else 16)
+        self.scale = mc.head_dim ** -0.5
+        self.kv_caches = self._allocate_kv_cache()
+        self.cuda_graphs = None
+        if device.type == "cuda" and not config.enforce_eager:
+            from promptcot_engine.engine.cuda_graph import DecodeCUDAGraphs
+
+            self.cuda_graphs = DecodeCUDAGraphs(self, max_batch_size=config.max_num_seqs)
+
+    # ---- KV cache -----------------------------------------------------------------------------------------
+    def _kv_bytes_per_block(self) -> int:
+        mc = self.model.config
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * mc.num_hidden_layers * self.block_size * mc.num_key_value_heads * mc.head_dim * element
+
+    def _kv_budget_bytes(self) -> int:
+        if self.config.kv_cache_memory_gb is not None:
+            return int(self.config.kv_cache_memory_gb * GiB)
+        if self.device.type == "cuda":
+            return self._profile_cuda_budget()
+        return int(min(CPU_DEFAULT_KV_GB * GiB, 0.25 * available_cpu_memory()))
+
+    def _profile_cuda_budget(self) -> int:
+        """What is left for the KV cache after the weights and the activations of the largest prefill."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = min(self.config.max_num_batched_tokens, self.model.config.max_position_embeddings)
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        from promptcot_engine.attention.varlen import VarlenCausalAttention
+
+        with torch.inference_mode():
+            hidden = self.model(ids, torch.arange(tokens, device=self.device),
+                                VarlenCausalAttention(torch.tensor([0, tokens], dtype=torch.int32, device=self.device)))
+            self.model.compute_logits(hidden[-self.config.max_num_seqs:])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        return int(total * self.config.gpu_memory_utilization - used_by_others - peak)
+
+    def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        mc = self.model.config
+        # never more blocks than max_num_seqs full-length sequences can use: a small model's budget would
+        # otherwise mean millions of blocks, each a Python object in the block manager
+        useful = -(-self.config.max_num_seqs * self.max_model_len // self.block_size)
+        self.num_blocks = self.config.num_kv_blocks or min(useful, self._kv_budget_bytes() // self._kv_bytes_per_block())
+        if self.num_blocks < 1:
+            raise InputError(f"kv_cache_memory_gb: the KV cache budget holds no block of {self.block_size} tokens "
+                             f"({self._kv_bytes_per_block() / GiB:.3f} GiB each); raise it")
+        cache = torch.zeros(2, mc.num_hidden_layers, self.num_blocks, self.block_size, mc.num_key_value_heads,
+                            mc.head_dim, dtype=self.dtype, device=self.device)
+        self.kv_cache = cache
+        return [(cache[0, layer], cache[1, layer]) for layer in range(mc.num_hidden_layers)]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            src = torch.tensor([s for s, _ in copies], device=self.device)
+            dst = torch.tensor([d for _, d in copies], device=self.device)
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    # ---- one step -----------------------------------------------------------------------------------------
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        input_ids, positions, slots, q_lens, context_lens = [], [], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            input_ids += seq.token_ids[start:start + n]
+            span = range(start, start + n)
+            positions += span
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in span]
+            q_lens.append(n)
+            context_lens.append(start + n)
+        dev = self.device
+        q_lens_t = torch.tensor(q_lens, dtype=torch.int32)
+        metadata = AttentionMetadata(
+            is_prefill=batch.is_prefill,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=self._block_tables(batch.seqs),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.nn.functional.pad(q_lens_t.cumsum(0, dtype=torch.int32), (1, 0)).to(dev),
+            max_seqlen_q=max(q_lens),
+            max_context_len=max(context_lens),
+            has_cached_context=any(c != q for c, q in zip(context_lens, q_lens)),
+        )
+        return (torch.tensor(input_ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
+                metadata)
+
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None, dict[int, tuple[list[float], list[bool]]]]:
+        """Forward the batch. Returns (sequences to sample for, their next-token logits [S, V] fp32,
+        {seq_id: (log-probs, is-argmax)} for the scored positions computed in this step)."""
+        input_ids, positions, metadata = self.prepare(batch)
+        if not batch.is_prefill and self.cuda_graphs is not None and self.cuda_graphs.can_run(len(batch.seqs), metadata):
+            hidden = self.cuda_graphs.run(input_ids, positions, metadata)
+        else:
+            hidden = self.model(input_ids, positions, PagedAttention(self.kv_caches, metadata, self.backend, self.scale))
+
+        sample_seqs, sample_rows, score_rows, score_targets, score_owner = [], [], [], [], []
+        offset = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            if seq.is_scoring:
+                # hidden at position p predicts token p + 1; wanted for targets score_start .. num_tokens - 1
+                first, last = max(start, seq.score_start - 1), min(end, seq.num_tokens - 1)
+                for p in range(first, last):
+                    score_rows.append(offset + p - start)
+                    score_targets.append(seq.token_ids[p + 1])
+                    score_owner.append(seq.seq_id)
+            elif end == seq.num_tokens:
+                sample_seqs.append(seq)
+                sample_rows.append(offset + n - 1)
+            offset += n
+
+        logits = None
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[sample_rows]).float()
+        scores: dict[int, tuple[list[float], list[bool]]] = {}
+        if score_rows:
+            logprobs, is_argmax = linear_logprob(hidden[score_rows], self.model.lm_head.weight,
+                                                 torch.tensor(score_targets, device=self.device))
+            for owner, lp, am in zip(score_owner, logprobs.tolist(), is_argmax.tolist()):
+                entry = scores.setdefault(owner, ([], []))
+                entry[0].append(lp)
+                entry[1].append(am)
+        return sample_seqs, logits, scores

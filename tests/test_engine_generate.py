@@ -1,0 +1,173 @@
+"""LLM.generate against transformers' greedy generate, and the engine's batching, caching and preemption
+paths, which must not change a single token."""
+import pytest
+import torch
+
+from promptcot_engine import LLM, SamplingParams
+from promptcot_engine.errors import InputError
+from tests.reference import hf_model
+
+MAX_NEW = 24
+
+
+def mixed_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 3, 5, 8, 13, 16, 17, 21, 30, 33, 47, 64, 100]
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, prompts, eos_ids, max_new=MAX_NEW) -> list[list[int]]:
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=max_new, do_sample=False, eos_token_id=eos_ids, pad_token_id=0)
+            outs.append(out[0, len(p):].tolist())
+    return outs
+
+
+def engine_greedy(llm, prompts, max_new=MAX_NEW, one_at_a_time=False) -> list[list[int]]:
+    params = SamplingParams(temperature=0, max_tokens=max_new)
+    if one_at_a_time:
+        return [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def reference_runs():
+    return {}
+
+
+def test_greedy_matches_transformers(tiny_model_dir, reference_runs):
+    llm = LLM(tiny_model_dir, dtype="float32", device="cpu", block_size=8, seed=0)
+    prompts = mixed_prompts(llm.engine.model.config.vocab_size)
+    expected = hf_greedy(hf_model(tiny_model_dir), prompts, sorted(llm.engine.eos_token_ids))
+    assert engine_greedy(llm, prompts) == expected
+    assert engine_greedy(llm, prompts, one_at_a_time=True) == expected
+    reference_runs[str(tiny_model_dir)] = (prompts, expected)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(num_kv_blocks=24, block_size=8, max_num_seqs=16),  # forces preemption
+    dict(enable_prefix_caching=False, block_size=8),
+    dict(max_num_batched_tokens=7, block_size=4),  # every prompt prefilled in tiny chunks
+    dict(max_num_seqs=3, block_size=16),
+])
+def test_engine_paths_do_not_change_tokens(tiny_llama_dir, variant):
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", **variant)
+    prompts = mixed_prompts(llm.engine.model.config.vocab_size)
+    expected = hf_greedy(hf_model(tiny_llama_dir), prompts, sorted(llm.engine.eos_token_ids))
+    # generate twice: the second pass also runs through blocks cached by the first
+    assert engine_greedy(llm, prompts) == expected
+    assert engine_greedy(llm, prompts) == expected
+    if variant.get("num_kv_blocks"):
+        assert llm.engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_matches_transformers(smollm2_dir):
+    llm = LLM(smollm2_dir, dtype="float32", device="cpu")
+    texts = ["What is the capital of France?", "Write a haiku about prime numbers.", "2 + 2 =",
+             "def add(a, b):", "Explain gravity to a child in one sentence.", "List three colors:",
+             "The derivative of x^2 is", "Once upon a time", "Translate 'cat' to French.", "Solve: 3x = 12. x =",
+             "A prime number is", "Name a planet:"]
+    prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=True) for t in texts]
+    expected = hf_greedy(hf_model(smollm2_dir), prompts, sorted(llm.engine.eos_token_ids), max_new=32)
+    assert engine_greedy(llm, prompts, max_new=32) == expected
+    assert engine_greedy(llm, prompts[:3], max_new=32, one_at_a_time=True) == expected[:3]
+
+
+def test_seeded_sampling_independent_of_batch(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", block_size=8, seed=123)
+    prompts = mixed_prompts(llm.engine.model.config.vocab_size)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=7, max_tokens=20, n=3)
+    alone = llm.generate([prompts[4]], seeded, use_tqdm=False)[0]
+    crowd_params = [SamplingParams(temperature=1.0, max_tokens=15, n=2) for _ in prompts]
+    crowd_params[4] = seeded
+    crowded = llm.generate(prompts, crowd_params, use_tqdm=False)[4]
+    assert [o.token_ids for o in alone.outputs] == [o.token_ids for o in crowded.outputs]
+    assert len({tuple(o.token_ids) for o in alone.outputs}) > 1  # the n samples are different draws
+
+
+def test_prefix_cache_reuses_prompt_and_generated_blocks(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", block_size=4)
+    prompt = mixed_prompts(llm.engine.model.config.vocab_size)[9]  # 33 tokens
+    first = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    continued = prompt + first.outputs[0].token_ids
+    bm = llm.engine.block_manager
+    hits_before = bm.num_prefix_hit_tokens
+    llm.generate([continued], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    # everything but the last (partial) block came from the cache, generated tokens included
+    assert bm.num_prefix_hit_tokens - hits_before == (len(continued) - 1) // 4 * 4
+
+
+def test_n_samples_prefill_the_prompt_once(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", block_size=4, enable_prefix_caching=False)
+    prompt = mixed_prompts(llm.engine.model.config.vocab_size)[10]  # 47 tokens: a partial last block
+    out = llm.generate([prompt], SamplingParams(temperature=1.0, n=8, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    assert llm.engine.num_prefilled_tokens == len(prompt)
+    assert len(out.outputs) == 8 and all(len(o.token_ids) == 6 for o in out.outputs)
+    # children continue from the copied partial block: greedy children all equal the greedy continuation
+    greedy = llm.generate([prompt], SamplingParams(temperature=0, n=4, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    single = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
+    assert all(o.token_ids == single.outputs[0].token_ids for o in greedy.outputs)
+
+
+def test_stop_conditions(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu")
+    prompt = mixed_prompts(llm.engine.model.config.vocab_size)[7]
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 30
+    # stop token: the first generated token that reappears later
+    stop_id = free.token_ids[5]
+    first = free.token_ids.index(stop_id)
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[stop_id], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free.token_ids[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_id
+    # min_tokens suppresses the stop token until enough tokens exist
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=30, min_tokens=first + 2, stop_token_ids=[stop_id],
+                                                ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) >= first + 2
+    # stop string: text ends before it
+    text = free.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    if stop.strip():
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=30, stop=[stop], ignore_eos=True),
+                           use_tqdm=False)[0].outputs[0]
+        assert out.finish_reason == "stop" and out.stop_reason == stop
+        assert out.text == text[:text.index(stop)]
+    # log-probs of sampled tokens are the model's
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=5, logprobs=True, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    ref = hf_model(tiny_llama_dir)
+    with torch.no_grad():
+        logits = ref(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    expected = logits.gather(-1, torch.tensor(out.token_ids)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(out.logprobs), expected, atol=1e-4)
+
+
+def test_text_equals_full_decode_with_multibyte_characters(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu")
+    prompt = llm.tokenizer.encode("日本語 🙂 and")
+    outs = llm.generate([prompt] * 4, SamplingParams(temperature=1.5, max_tokens=40, seed=3, n=2), use_tqdm=False)
+    for request in outs:
+        for o in request.outputs:
+            assert o.text == llm.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("field,value", [("top_p", 0.0), ("top_p", 1.5), ("temperature", -0.1), ("n", 0),
+                                         ("max_tokens", 0), ("top_k", -2), ("min_p", 1.5)])
+def test_invalid_sampling_params(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_prompt_longer_than_context_names_index(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", max_model_len=64)
+    prompts = [[5] * 10, [6] * 70, [7] * 3]
+    with pytest.raises(InputError, match="prompt 1 .*context"):
+        llm.generate(prompts, SamplingParams(max_tokens=4), use_tqdm=False)
+    assert not llm.engine.has_unfinished()  # nothing was queued
+    with pytest.raises(InputError, match="prompt 0 .*KV blocks"):
+        LLM(tiny_llama_dir, dtype="float32", device="cpu", num_kv_blocks=2, block_size=4).generate(
+            [[5] * 10], SamplingParams(max_tokens=4), use_tqdm=False)

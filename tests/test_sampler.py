@@ -1,0 +1,80 @@
+"""Sampling frequencies match the exact renormalized distribution (chi-square), per truncation rule."""
+import numpy as np
+import pytest
+import torch
+
+from promptcot_engine.engine.sampler import sample
+from promptcot_engine.sampling_params import SamplingParams
+
+LOGITS = np.array([2.0, 1.5, 1.2, 0.3, -0.5, -1.0, 0.9])
+
+
+def exact_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Straight from the definitions, in float64: temperature, keep the k best, then the smallest set of best
+    tokens whose mass reaches top_p, then drop tokens below min_p times the best probability; renormalize."""
+    p = np.exp(logits / temperature - np.max(logits / temperature))
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros_like(p, dtype=bool)
+    keep[order[: top_k if top_k > 0 else len(p)]] = True
+    q = np.where(keep, p, 0)
+    q /= q.sum()
+    mass = 0.0
+    nucleus = np.zeros_like(keep)
+    for i in order:
+        if not keep[i] or mass >= top_p:
+            continue
+        nucleus[i] = True
+        mass += q[i]
+    q = np.where(nucleus, q, 0)
+    q = np.where(q >= min_p * q.max(), q, 0)
+    return q / q.sum()
+
+
+def chi_square_p_value(counts: np.ndarray, expected_probs: np.ndarray) -> float:
+    n = counts.sum()
+    support = expected_probs > 0
+    expected = expected_probs[support] * n
+    stat = float(((counts[support] - expected) ** 2 / expected).sum())
+    df = int(support.sum()) - 1
+    if df == 0:
+        return 1.0
+    return float(1 - torch.special.gammainc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (1.0, -1, 1.0, 0.0), (0.5, -1, 1.0, 0.0), (2.0, -1, 1.0, 0.0), (1.0, 3, 1.0, 0.0),
+    (1.0, -1, 0.7, 0.0), (1.0, -1, 1.0, 0.3), (0.8, 4, 0.9, 0.1), (1.3, 2, 0.5, 0.0),
+])
+def test_sampling_frequencies_match_distribution(temperature, top_k, top_p, min_p):
+    n = 40_000
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    logits = torch.tensor(LOGITS, dtype=torch.float32).expand(n, -1).clone()
+    generator = torch.Generator().manual_seed(1234)
+    tokens, _ = sample(logits, [params] * n, [None] * n, generator)
+    counts = np.bincount(tokens.numpy(), minlength=len(LOGITS))
+    expected = exact_distribution(LOGITS, temperature, top_k, top_p, min_p)
+    assert counts[expected == 0].sum() == 0  # truncated tokens are never drawn
+    assert chi_square_p_value(counts, expected) > 1e-3
+
+
+def test_seeded_rows_use_their_own_generator():
+    params = SamplingParams(temperature=1.0, seed=5)
+    logits = torch.tensor(LOGITS, dtype=torch.float32)[None]
+
+    def draw(batch_extra: int):
+        g = torch.Generator().manual_seed(5)
+        rows = torch.cat([logits, torch.randn(batch_extra, len(LOGITS))])
+        gens = [g] + [None] * batch_extra
+        return [int(sample(rows, [params] * (1 + batch_extra), gens, torch.Generator().manual_seed(batch_extra))[0][0])
+                for _ in range(20)]
+
+    assert draw(0) == draw(7)
+
+
+def test_greedy_and_logprobs():
+    logits = torch.randn(5, 11)
+    params = [SamplingParams(temperature=0)] * 5
+    tokens, logprobs = sample(logits, params, [None] * 5, torch.Generator(), want_logprobs=True)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.allclose(logprobs, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1))
