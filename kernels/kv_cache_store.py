@@ -32,7 +32,8 @@ def _store_kvcache_kernel(
     mask = (heads < num_kv_heads) & (dims < head_dim)
     key = tl.load(key_ptr + token * key_stride_t + heads * key_stride_h + dims, mask=mask)
     value = tl.load(value_ptr + token * value_stride_t + heads * value_stride_h + dims, mask=mask)
-    dst = (slot // block_size) * cache_stride_block + (slot % block_size) * cache_stride_slot + heads * cache_stride_head + dims
+    dst = ((slot // block_size) * cache_stride_block + (slot % block_size) * cache_stride_slot
+           + heads * cache_stride_head + dims)
     tl.store(k_cache_ptr + dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 

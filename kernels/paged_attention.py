@@ -52,8 +52,10 @@ def _paged_decode_attention_kernel(
         positions = start + tl.arange(0, BLOCK_N)
         in_context = positions < context_len
         # tiles need not align with cache blocks: each position finds its own block, so any block_size works
-        block_ids = tl.load(block_tables_ptr + seq * block_tables_stride + positions // block_size, mask=in_context, other=0)
-        rows = block_ids.to(tl.int64) * cache_stride_block + (positions % block_size) * cache_stride_slot + kv_head * cache_stride_head
+        block_ids = tl.load(block_tables_ptr + seq * block_tables_stride + positions // block_size,
+                            mask=in_context, other=0)
+        rows = (block_ids.to(tl.int64) * cache_stride_block + (positions % block_size) * cache_stride_slot
+                + kv_head * cache_stride_head)
         kv_mask = in_context[:, None] & (dims < head_dim)[None, :]
         k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)

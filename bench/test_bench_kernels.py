@@ -1,0 +1,78 @@
+"""Teacher-forced scoring on the CPU: chunked_linear_logprob against the naive computation (full logits,
+log_softmax, gather, argmax) on the same input, SmolLM2-135M's LM head (H=576, V=49152) over 2048 tokens
+in fp32. Prints tokens/s and achieved GFLOP/s (the LM-head matmul dominates: compare with the machine's
+peak), the speed ratio, and the peak extra resident memory of each, measured in a fresh process
+(`python bench/test_bench_kernels.py naive|chunked`) since tracemalloc does not see torch's CPU tensors.
+
+Run: pytest bench/test_bench_kernels.py --benchmark-only
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from promptcot_engine.kernels.fused_logprob import chunked_linear_logprob
+
+T, H, V = 2048, 576, 49152
+FLOPS = 2 * T * H * V
+RESULTS = {}
+
+
+def make_inputs():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(T, H, generator=g)
+    weight = torch.randn(V, H, generator=g).div_(H ** 0.5)
+    targets = torch.randint(0, V, (T,), generator=g)
+    return hidden, weight, targets
+
+
+def naive_linear_logprob(hidden, weight, targets):
+    logits = hidden @ weight.T
+    logprobs = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    return logprobs, logits.argmax(-1) == targets
+
+
+FUNCTIONS = {"naive": naive_linear_logprob, "chunked": chunked_linear_logprob}
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measure_peak_extra_rss(name):
+    """In this (fresh) process: build the inputs, reset the peak-RSS mark, run once; bytes above the start."""
+    inputs = make_inputs()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    with torch.no_grad():
+        FUNCTIONS[name](*inputs)
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def peak_extra_rss_in_subprocess(name):
+    result = subprocess.run([sys.executable, __file__, name], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)["peak_extra_rss_bytes"]
+
+
+@pytest.mark.parametrize("name", ["naive", "chunked"])
+def test_bench_linear_logprob(benchmark, capsys, name):
+    inputs = make_inputs()
+    with torch.no_grad():
+        benchmark.pedantic(FUNCTIONS[name], args=inputs, rounds=2, iterations=1)
+    seconds = benchmark.stats.stats.mean
+    peak = peak_extra_rss_in_subprocess(name)
+    RESULTS[name] = T / seconds
+    benchmark.extra_info.update(tokens_per_s=T / seconds, gflops=FLOPS / seconds / 1e9, peak_extra_rss_bytes=peak)
+    with capsys.disabled():
+        print(f"\n{name}: {T / seconds:,.0f} tokens/s, {FLOPS / seconds / 1e9:.1f} GFLOP/s, "
+              f"peak extra RSS {peak / 2**20:,.0f} MiB (full fp32 logits: {T * V * 4 / 2**20:,.0f} MiB)")
+        if len(RESULTS) == 2:
+            print(f"chunked / naive throughput: {RESULTS['chunked'] / RESULTS['naive']:.2f}x")
+
+
+if __name__ == "__main__":
+    print(json.dumps({"peak_extra_rss_bytes": measure_peak_extra_rss(sys.argv[1])}))
