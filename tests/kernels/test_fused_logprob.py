@@ -24,6 +24,8 @@ from promptcot_engine.kernels.fused_logprob import (
     merge_partials,
 )
 
+# a GPU run turns the interpreter off (TRITON_INTERPRET=0): the Triton kernel then runs compiled, on CUDA
+KERNEL_DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
 SMALL_BLOCKS = dict(block_t=16, block_v=64, block_h=16)
 
 
@@ -56,11 +58,13 @@ def make_integer_inputs(T, H, V, dtype, seed):
 
 
 def run_triton_into_poisoned_buffers(hidden, weight, targets, num_splits, **blocks):
-    T = hidden.shape[0]
-    split_lse, split_max, split_target_logit = (torch.full((num_splits, T), float("nan")) for _ in range(3))
-    split_argmax = torch.full((num_splits, T), -12345, dtype=torch.int32)
-    linear_logprob_partials_triton(hidden, weight, targets, split_lse, split_max, split_argmax, split_target_logit,
-                                   num_warps=1, num_stages=1, **blocks)
+    T, dev = hidden.shape[0], KERNEL_DEVICE
+    split_lse, split_max, split_target_logit = (torch.full((num_splits, T), float("nan"), device=dev) for _ in range(3))
+    split_argmax = torch.full((num_splits, T), -12345, dtype=torch.int32, device=dev)
+    linear_logprob_partials_triton(hidden.to(dev), weight.to(dev), targets.to(dev), split_lse, split_max, split_argmax,
+                                   split_target_logit, num_warps=1, num_stages=1, **blocks)
+    split_lse, split_max, split_argmax, split_target_logit = (
+        t.cpu() for t in (split_lse, split_max, split_argmax, split_target_logit))
     # every (range, token) written: nothing poisoned remains
     assert not split_max.isnan().any() and not split_target_logit.isnan().any() and not split_lse.isnan().any()
     assert (split_argmax >= 0).all() and (split_argmax < weight.shape[0]).all()
@@ -100,11 +104,12 @@ def test_triton_kernel_matches_float64_reference(T, H, V, dtype, num_splits, blo
 
 
 def test_triton_dispatch_with_strided_hidden_and_uneven_splits():
-    """fused_linear_logprob as the engine calls it: rows of a larger hidden tensor, and more splits asked
-    for than the vocabulary tiles share out evenly (16 tiles in 6 ranges of 3 leaves one empty)."""
+    """fused_linear_logprob as the engine calls it: rows of a larger hidden tensor; 7 vocabulary ranges
+    asked for 16 tiles, which ranges of 3 tiles cover in 6."""
     hidden, weight, targets = make_inputs(38, 20, 1000, torch.float32, seed=3)
-    got = fused_linear_logprob(hidden[::2], weight, targets[::2], num_splits=6, num_warps=1, num_stages=1,
-                               **SMALL_BLOCKS)
+    got = fused_linear_logprob(hidden.to(KERNEL_DEVICE)[::2], weight.to(KERNEL_DEVICE), targets.to(KERNEL_DEVICE)[::2],
+                               num_splits=7, num_warps=1, num_stages=1, **SMALL_BLOCKS)
+    got = tuple(t.cpu() for t in got)
     assert_matches_reference(got, hidden[::2], weight, targets[::2], dict(rtol=1e-5, atol=1e-5))
 
 

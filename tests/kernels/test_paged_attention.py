@@ -18,6 +18,8 @@ from promptcot_engine.kernels.paged_attention import (
     paged_prefill_attention_torch,
 )
 
+# a GPU run turns the interpreter off (TRITON_INTERPRET=0): the Triton kernel then runs compiled, on CUDA
+KERNEL_DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
 PADDING = 2**30  # block-table entries past a sequence's last block: out of range, so never to be read
 
 
@@ -48,6 +50,15 @@ def make_queries(num_tokens, num_heads, num_kv_heads, head_dim, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=g).to(dtype)
     return qkv[:, :num_heads]
+
+
+def decode_triton(q, k_cache, v_cache, block_tables, context_lens, scale, block_n):
+    """The Triton kernel on the kernel's device, into a NaN-poisoned output buffer; the result on the CPU."""
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=KERNEL_DEVICE)
+    on_device = (t.to(KERNEL_DEVICE) for t in (q, k_cache, v_cache, block_tables, context_lens))
+    got = paged_decode_attention_triton(*on_device, scale, out, block_n=block_n)
+    assert got is out and got.dtype == q.dtype
+    return got.cpu()
 
 
 def naive_attention_float64(q_rows, q_positions, k_cache, v_cache, block_table, scale):
@@ -94,9 +105,7 @@ def test_decode_triton_and_torch_match_naive(block_size, block_n, num_heads, num
     scale = head_dim ** -0.5
     want = naive_decode(q, k_cache, v_cache, block_tables, ctx, scale)
 
-    out = torch.full(q.shape, float("nan"), dtype=dtype)
-    got_triton = paged_decode_attention_triton(q, k_cache, v_cache, block_tables, ctx, scale, out, block_n=block_n)
-    assert got_triton is out and got_triton.dtype == dtype
+    got_triton = decode_triton(q, k_cache, v_cache, block_tables, ctx, scale, block_n)
     torch.testing.assert_close(got_triton.double(), want, **tolerance(dtype))
 
     got_torch = paged_decode_attention_torch(q, k_cache, v_cache, block_tables, ctx, scale)
@@ -117,8 +126,7 @@ def test_empty_context_gives_zeros_without_disturbing_other_rows():
     ctx = torch.tensor([10, 0], dtype=torch.int32)  # row 1 as a CUDA-graph padding row
     q = make_queries(2, 2, 1, 16, torch.float32, seed=8)
     want_row0 = naive_decode(q[:1], k_cache, v_cache, block_tables[:1], ctx[:1], 0.25)
-    for got in (paged_decode_attention_triton(q, k_cache, v_cache, block_tables, ctx, 0.25,
-                                              torch.full(q.shape, float("nan")), block_n=16),
+    for got in (decode_triton(q, k_cache, v_cache, block_tables, ctx, 0.25, block_n=16),
                 paged_decode_attention_torch(q, k_cache, v_cache, block_tables, ctx, 0.25)):
         torch.testing.assert_close(got[:1].double(), want_row0, rtol=1e-5, atol=1e-5)
         assert not got[1].any()
@@ -142,7 +150,7 @@ def test_decode_with_keys_written_by_store_kvcache():
         scores = torch.einsum("hd,nhd->hn", q[b].double(), keys[lo:hi].double().repeat_interleave(2, dim=1)) * d ** -0.5
         want.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), values[lo:hi].double().repeat_interleave(2, dim=1)))
     want = torch.stack(want)
-    got = paged_decode_attention_triton(q, k_cache, v_cache, block_tables, ctx, d ** -0.5, block_n=16)
+    got = decode_triton(q, k_cache, v_cache, block_tables, ctx, d ** -0.5, block_n=16)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(paged_decode_attention_torch(q, k_cache, v_cache, block_tables, ctx, d ** -0.5).double(),
                                want, rtol=1e-5, atol=1e-5)
