@@ -1,17 +1,18 @@
 """Training benchmark: one batch, the same AdamW steps, through transformers (its forward with labels:
 cross-entropy over the full [tokens, vocab] logits) and through the engine's Trainer (packed sequences,
-fused linear cross-entropy), each side in its own subprocess so its peak RSS (ru_maxrss: torch's CPU
-allocations are invisible to tracemalloc) is its own. Prints tokens/s and peak memory of both and the
-ratios; `run_train_bench` returns them for `promptcot bench train`.
+fused linear cross-entropy, selective activation checkpointing by default), each side in its own
+subprocess. Memory is the process's peak resident set while training (VmHWM, reset once the model is
+loaded; torch's CPU allocations are invisible to tracemalloc). Prints tokens/s, model GFLOP/s and peak
+memory of both and the ratios; `run_train_bench` returns them for `promptcot bench train`.
 
     python bench/train_bench.py [--model M] [--batch 8] [--seq-len 512] [--steps 3] [--grad-accum 1]
+                                [--activation-checkpointing selective|none|full]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,8 +26,10 @@ def run_train_bench(model: str = "smollm2-135m-instruct", batch: int = 8, seq_le
                     grad_accum: int = 1, activation_checkpointing: str = "selective", device: str = "cpu") -> dict:
     """Both sides on `batch` sequences of `seq_len` tokens for `steps` optimizer steps. tokens/s is the
     median over the steps after the first (which pays for first-touch allocations)."""
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="train_bench_") as tmp:
         hf_dir = _as_hf_dir(model, Path(tmp))
+        flops_per_token = _train_flops_per_token(json.loads((hf_dir / "config.json").read_text()), seq_len)
         common = ["--hf-dir", str(hf_dir), "--batch", str(batch), "--seq-len", str(seq_len), "--steps", str(steps),
                   "--device", device]
         reference = _run_side("transformers", common)
@@ -36,15 +39,16 @@ def run_train_bench(model: str = "smollm2-135m-instruct", batch: int = 8, seq_le
         "model": model, "batch": batch, "seq_len": seq_len, "steps": steps, "grad_accum": grad_accum,
         "activation_checkpointing": activation_checkpointing, "device": device,
         "transformers_tokens_per_s": reference["tokens_per_s"], "engine_tokens_per_s": engine["tokens_per_s"],
+        "transformers_gflops": reference["tokens_per_s"] * flops_per_token / 1e9,
+        "engine_gflops": engine["tokens_per_s"] * flops_per_token / 1e9,
         "transformers_peak_rss_mb": reference["peak_rss_mb"], "engine_peak_rss_mb": engine["peak_rss_mb"],
         "transformers_rss_after_load_mb": reference["rss_after_load_mb"],
         "engine_rss_after_load_mb": engine["rss_after_load_mb"],
         "transformers_first_loss": reference["first_loss"], "engine_first_loss": engine["first_loss"],
         "tokens_per_s_ratio": engine["tokens_per_s"] / reference["tokens_per_s"],
         "peak_memory_ratio": engine["peak_rss_mb"] / reference["peak_rss_mb"],
-        # what the training itself added on top of the loaded model and libraries
-        "training_memory_ratio": (engine["peak_rss_mb"] - engine["rss_after_load_mb"])
-        / (reference["peak_rss_mb"] - reference["rss_after_load_mb"]),
+        # the machine's 1-minute load before and after: timings on a shared machine are only as good as this
+        "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
     }
 
 
@@ -74,13 +78,29 @@ def bench_records(tokenizer, batch: int, seq_len: int) -> list[dict]:
             for _ in range(batch)]
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _start_peak_tracking() -> float:
+    """Reset the peak-RSS mark (VmHWM) to the current resident set, so the peak read at the end is the
+    training's, not the model loading's; returns the resident set now."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_mb("VmRSS")
+
+
+def _train_flops_per_token(config: dict, seq_len: int) -> float:
+    """Model FLOPs of one trained token: 6 per weight of every matrix product (forward 2, backward 4),
+    the LM head included, plus causal attention's scores and weighted sum (half of 12 * L * d * seq)."""
+    h, layers = config["hidden_size"], config["num_hidden_layers"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or h // heads
+    kv = config.get("num_key_value_heads") or heads
+    per_layer = h * head_dim * (2 * heads + 2 * kv) + 3 * h * config["intermediate_size"]
+    matmul_weights = layers * per_layer + h * config["vocab_size"]
+    return 6 * matmul_weights + 6 * layers * heads * head_dim * seq_len
 
 
 def _engine_side(hf_dir: str, batch: int, seq_len: int, steps: int, grad_accum: int, activation_checkpointing: str,
@@ -91,12 +111,12 @@ def _engine_side(hf_dir: str, batch: int, seq_len: int, steps: int, grad_accum: 
                          lr_schedule="constant", max_grad_norm=1.0, activation_checkpointing=activation_checkpointing)
     trainer = Trainer.from_pretrained(hf_dir, config, device=device)
     records = bench_records(trainer.tokenizer, batch, seq_len)
-    rss_after_load = _rss_mb()
+    rss_after_load = _start_peak_tracking()
     result = trainer.train(records, use_tqdm=False)
     history = result["history"]
     assert all(m["tokens"] == batch * seq_len for m in history), "every example must be cut to seq_len tokens"
     return {"tokens_per_s": _median([m["tokens_per_s"] for m in history[1:] or history]),
-            "first_loss": history[0]["loss"], "rss_after_load_mb": rss_after_load, "peak_rss_mb": _peak_rss_mb()}
+            "first_loss": history[0]["loss"], "rss_after_load_mb": rss_after_load, "peak_rss_mb": _status_mb("VmHWM")}
 
 
 def _transformers_side(hf_dir: str, batch: int, seq_len: int, steps: int, device: str) -> dict:
@@ -113,7 +133,7 @@ def _transformers_side(hf_dir: str, batch: int, seq_len: int, steps: int, device
     input_ids = torch.tensor([e.input_ids for e in examples], device=device)
     labels = torch.tensor([e.labels for e in examples], device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
-    rss_after_load = _rss_mb()
+    rss_after_load = _start_peak_tracking()
     rates, losses = [], []
     for _ in range(steps):
         start = time.perf_counter()
@@ -127,7 +147,7 @@ def _transformers_side(hf_dir: str, batch: int, seq_len: int, steps: int, device
         rates.append(batch * seq_len / (time.perf_counter() - start))
         losses.append(loss.item())
     return {"tokens_per_s": _median(rates[1:] or rates), "first_loss": losses[0], "rss_after_load_mb": rss_after_load,
-            "peak_rss_mb": _peak_rss_mb()}
+            "peak_rss_mb": _status_mb("VmHWM")}
 
 
 def _median(values: list[float]) -> float:

@@ -124,7 +124,9 @@ def default_chunk_size(num_tokens: int, hidden_size: int, vocab_size: int) -> in
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
+    # under bf16 autocast the backward's recomputed logits must come out as the forward's did
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, hidden, weight, target, ignore_index, reduction, chunk_size, compute_grads, use_triton):
         T = hidden.shape[0]
         acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -161,6 +163,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return total / num_valid if reduction == "mean" else total
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_output):
         if ctx.reduction != "none":
             grad_hidden, grad_weight = ctx.saved_tensors

@@ -30,8 +30,9 @@ def _register() -> None:
     from promptcot_engine.engine.commands import generate, score
     from promptcot_engine.models.commands import convert
     from promptcot_engine.selfplay.commands import selfplay, sft_data
+    from promptcot_engine.train.commands import train
 
-    for command in (bench, convert, dedup, generate, score, selfplay, sft_data):
+    for command in (bench, convert, dedup, generate, score, selfplay, sft_data, train):
         main.add_command(command)
 
 

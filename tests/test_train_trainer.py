@@ -110,3 +110,23 @@ def test_too_long_examples_are_counted_in_the_result_and_metrics(tmp_path):
 def test_bad_settings_name_the_field(field, value):
     with pytest.raises(InputError, match=f"TrainConfig.{field}"):
         TrainConfig(**{field: value})
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("warmup", [0, 3, 0.25])
+def test_lr_schedule_matches_transformers(schedule, warmup):
+    from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+
+    from promptcot_engine.train.schedule import build_scheduler
+
+    total = 17
+    config = TrainConfig(lr=1e-3, warmup=warmup, lr_schedule=schedule)
+    reference_fn = get_cosine_schedule_with_warmup if schedule == "cosine" else get_linear_schedule_with_warmup
+    optimizers = [torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3) for _ in range(2)]
+    ours = build_scheduler(optimizers[0], config, total)
+    reference = reference_fn(optimizers[1], num_warmup_steps=config.warmup_steps(total), num_training_steps=total)
+    for _ in range(total):
+        assert ours.get_last_lr()[0] == pytest.approx(reference.get_last_lr()[0], abs=1e-12)
+        for optimizer, scheduler in zip(optimizers, (ours, reference)):
+            optimizer.step()
+            scheduler.step()

@@ -256,7 +256,7 @@ class Trainer:
             raise InputError(f"no examples to train on ({stats.records} records{why})")
         vocab_size = self.model.config.vocab_size
         for example in data:
-            if max(ids for seq, _ in example.sequences() for ids in seq) >= vocab_size:
+            if max(token for ids, _ in example.sequences() for token in ids) >= vocab_size:
                 raise InputError(f"{example.source}: token ids reach beyond the model's vocabulary ({vocab_size}); "
                                  "the tokenizer does not belong to this model")
         return data, stats

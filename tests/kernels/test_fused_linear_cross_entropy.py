@@ -1,5 +1,7 @@
 """Fused linear cross-entropy against F.linear + F.cross_entropy: loss, d(hidden), d(weight), every reduction,
 odd shapes, ignored rows; the torch path in float64 / fp32 / bf16, the Triton kernel under TRITON_INTERPRET=1."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +14,9 @@ from promptcot_engine.kernels.fused_linear_cross_entropy import (
     linear_cross_entropy_reference,
 )
 
+# a GPU run turns the interpreter off (TRITON_INTERPRET=0): the Triton kernel then runs compiled, on CUDA
+KERNEL_DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
+
 
 def make_inputs(T, H, V, dtype, seed=0, ignored_every=3):
     g = torch.Generator().manual_seed(seed)
@@ -22,14 +27,14 @@ def make_inputs(T, H, V, dtype, seed=0, ignored_every=3):
     return hidden, weight, target
 
 
-def loss_and_grads(fn, hidden, weight, target, reduction, upstream_seed=1):
+def loss_and_grads(fn, hidden, weight, target, reduction, upstream_seed=1, device="cpu"):
     """The loss and both gradients, with a random upstream gradient so "none" weighs every row differently."""
-    hidden = hidden.detach().requires_grad_()
-    weight = weight.detach().requires_grad_()
-    loss = fn(hidden, weight, target, reduction=reduction)
+    hidden = hidden.detach().to(device).requires_grad_()
+    weight = weight.detach().to(device).requires_grad_()
+    loss = fn(hidden, weight, target.to(device), reduction=reduction)
     upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(upstream_seed), dtype=torch.float64)
-    loss.backward(upstream.to(loss.dtype))
-    return loss.detach().double(), hidden.grad.double(), weight.grad.double()
+    loss.backward(upstream.to(device, loss.dtype))
+    return loss.detach().cpu().double(), hidden.grad.cpu().double(), weight.grad.cpu().double()
 
 
 def reference_in_float64(hidden, weight, target, reduction):
@@ -82,9 +87,11 @@ def test_triton_row_kernel_writes_every_element(logits_dtype):
     target = torch.randint(0, V, (C,), generator=g)
     target[[1, 5]] = IGNORE_INDEX
     scale = torch.rand(C, generator=g) + 0.5
-    loss_out = torch.full((C,), float("nan"))
-    grad_out = torch.full((C, V), float("nan"), dtype=logits_dtype)
-    cross_entropy_grad_triton(logits, target, scale, loss_out, grad_out, block_v=32)
+    loss_out = torch.full((C,), float("nan"), device=KERNEL_DEVICE)
+    grad_out = torch.full((C, V), float("nan"), dtype=logits_dtype, device=KERNEL_DEVICE)
+    cross_entropy_grad_triton(logits.to(KERNEL_DEVICE), target.to(KERNEL_DEVICE), scale.to(KERNEL_DEVICE), loss_out,
+                              grad_out, block_v=32)
+    loss_out, grad_out = loss_out.cpu(), grad_out.cpu()
 
     x = logits.double().requires_grad_()
     want_losses = F.cross_entropy(x, target, ignore_index=IGNORE_INDEX, reduction="none")
@@ -103,16 +110,18 @@ def test_triton_row_kernel_in_place():
     target = torch.randint(0, V, (C,), generator=g)
     x = logits.double().requires_grad_()
     (want_grad,) = torch.autograd.grad(F.cross_entropy(x, target, reduction="sum"), x)
-    losses = torch.full((C,), float("nan"))
-    cross_entropy_grad_triton(logits, target, torch.ones(C), losses, logits, block_v=16)
-    torch.testing.assert_close(logits.double(), want_grad, rtol=1e-5, atol=1e-6)
+    logits = logits.to(KERNEL_DEVICE)
+    losses = torch.full((C,), float("nan"), device=KERNEL_DEVICE)
+    cross_entropy_grad_triton(logits, target.to(KERNEL_DEVICE), torch.ones(C, device=KERNEL_DEVICE), losses, logits,
+                              block_v=16)
+    torch.testing.assert_close(logits.cpu().double(), want_grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_triton_path_end_to_end(reduction):
     hidden, weight, target = make_inputs(19, 16, 97, torch.float32, seed=6, ignored_every=4)
     fused = lambda h, w, t, reduction: fused_linear_cross_entropy(h, w, t, reduction=reduction, chunk_size=8, use_triton=True)
-    got = loss_and_grads(fused, hidden, weight, target, reduction)
+    got = loss_and_grads(fused, hidden, weight, target, reduction, device=KERNEL_DEVICE)
     assert_close_all(got, reference_in_float64(hidden, weight, target, reduction), rtol=1e-5, atol=1e-6)
 
 
