@@ -87,3 +87,23 @@ def test_preference_margin_grows():
     assert margins[0] == pytest.approx(0.0, abs=1e-6)
     assert margins[4] > margins[1] > 0 and margins[-1] > margins[4]
     assert history[-1]["accuracy"] == 1.0 and history[-1]["loss"] < history[0]["loss"] - 0.3
+
+
+def test_reference_logprobs_from_the_engine_scorer_match_the_trainer():
+    """What the self-play pipeline does: fill ref_*_logprob with the engine's scorer on
+    completion_token_ids. At step 1 the policy is the reference, so the margin must then be 0 and the loss
+    log 2, which holds only if the scorer and the trainer score the very same tokens."""
+    from promptcot_engine import LLM
+    from promptcot_engine.train import completion_token_ids
+
+    path = tiny_checkpoint("llama")
+    llm = LLM(path, dtype="float32", device="cpu")
+    records = []
+    for pair in PAIRS:
+        chosen, rejected = llm.score([pair["prompt"]] * 2, [completion_token_ids(llm.tokenizer, pair[f])
+                                                            for f in ("chosen", "rejected")], use_tqdm=False)
+        records.append({**pair, "ref_chosen_logprob": chosen.logprob_sum, "ref_rejected_logprob": rejected.logprob_sum})
+    config = TrainConfig(objective="dpo", dpo_beta=BETA, lr=1e-3, batch_size=3)
+    step = Trainer.from_pretrained(path, config, device="cpu").train(records, use_tqdm=False)["history"][0]
+    assert step["reward_margin"] == pytest.approx(0.0, abs=1e-4)
+    assert step["loss"] == pytest.approx(math.log(2), abs=1e-4)

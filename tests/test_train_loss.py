@@ -102,3 +102,16 @@ def test_activation_checkpointing_gives_equal_gradients_and_keeps_less():
         for name in plain[1]:
             torch.testing.assert_close(grads[name], plain[1][name], rtol=1e-6, atol=1e-7)
     assert retained["full"] < 0.5 * retained["selective"] and retained["selective"] < 0.75 * retained["none"]
+
+
+def test_bf16_autocast_step_close_to_fp32():
+    """The GPU's mixed precision path (bf16 autocast over fp32 master weights), run on the CPU: losses
+    within bf16 rounding of the fp32 run's, weights still fp32."""
+    path = tiny_checkpoint("llama")
+    runs = {}
+    for bf16 in (False, True):
+        trainer = Trainer.from_pretrained(path, TrainConfig(lr=1e-2, epochs=3, batch_size=3, bf16=bf16), device="cpu")
+        runs[bf16] = [m["loss"] for m in trainer.train(RECORDS, use_tqdm=False)["history"]]
+        assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert runs[True] == pytest.approx(runs[False], rel=1e-2)
+    assert runs[True] != runs[False]  # autocast was on

@@ -130,3 +130,29 @@ def test_lr_schedule_matches_transformers(schedule, warmup):
         for optimizer, scheduler in zip(optimizers, (ours, reference)):
             optimizer.step()
             scheduler.step()
+
+
+def test_trained_weights_hand_off_to_the_engine_scorer(tmp_path):
+    """The EM loop's in-process handoff: the trained state dict loads into a running engine, whose scorer
+    then gives the trained model's log-probs (transformers on the saved checkpoint as the reference) for the
+    very token ids the trainer trained on."""
+    from promptcot_engine import LLM
+    from promptcot_engine.train import completion_token_ids
+    from tests.test_train_dpo import transformers_logprob
+
+    path = tiny_checkpoint("llama")
+    llm = LLM(path, dtype="float32", device="cpu")
+    records = SFT_RECORDS[:3]
+    ids = [completion_token_ids(llm.tokenizer, r["completion"]) for r in records]
+    before = [out.logprob_sum for out in llm.score([r["prompt"] for r in records], ids, use_tqdm=False)]
+    trainer = Trainer.from_pretrained(path, TrainConfig(lr=1e-2, epochs=4, batch_size=4, output_dir=str(tmp_path)),
+                                      device="cpu")
+    trainer.train(SFT_RECORDS, use_tqdm=False)
+    llm.load_weights(trainer.model.state_dict())
+    after = llm.score([r["prompt"] for r in records], ids, use_tqdm=False)
+    reference = hf_model(tmp_path)
+    for record, record_ids, scored, old in zip(records, ids, after, before):
+        assert scored.token_ids == record_ids
+        want = transformers_logprob(reference, trainer.tokenizer, record["prompt"], record["completion"])
+        assert scored.logprob_sum == pytest.approx(want, abs=1e-3)
+        assert scored.logprob_sum > old + 5  # training on it made the completion far likelier

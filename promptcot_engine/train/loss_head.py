@@ -20,9 +20,25 @@ class CausalLMLoss(nn.Module):
 
     def forward(self, batch: PackedBatch, reduction: str = "sum") -> torch.Tensor:
         """"sum": the summed token cross-entropy of the batch's targets; "none": per-token values [T]."""
-        hidden = self.model(batch.input_ids, batch.positions, VarlenCausalAttention(batch.cu_seqlens))
+        hidden = self.model(batch.input_ids, batch.positions, AutocastAttention(VarlenCausalAttention(batch.cu_seqlens)))
         return fused_linear_cross_entropy(hidden, self.model.lm_head.weight, batch.targets, reduction=reduction,
                                           chunk_size=self.chunk_size)
+
+
+class AutocastAttention:
+    """Hands attention q, k, v in the autocast dtype. With fp32 master weights the rotary tables are fp32,
+    so q and k leave the rotary embedding in fp32 even under bf16 autocast; SDPA would cast them itself,
+    but flash-attn's varlen kernel is not an autocast op and takes only fp16 / bf16."""
+
+    def __init__(self, attention):
+        self.attention = attention
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        device_type = q.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        return self.attention(layer_idx, q, k, v)
 
 
 def sequence_logprobs(token_losses: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

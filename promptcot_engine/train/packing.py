@@ -22,10 +22,6 @@ class PackedBatch:
     def num_seqs(self) -> int:
         return self.cu_seqlens.numel() - 1
 
-    @property
-    def num_targets(self) -> int:
-        return int((self.targets != IGNORE_INDEX).sum())
-
     def sequence_index(self) -> torch.Tensor:
         """[T]: which sequence each token belongs to (for per-sequence sums)."""
         lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]

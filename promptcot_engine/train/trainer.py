@@ -252,7 +252,8 @@ class Trainer:
         tokenize = tokenize_sft if cfg.objective == "sft" else tokenize_preferences
         data, stats = tokenize(records, self.tokenizer, cfg.max_length, cfg.truncation)
         if not data:
-            why = f", {stats.skipped_too_long} longer than max_length={cfg.max_length}" if stats.skipped_too_long else ""
+            why = (f", {stats.skipped_too_long} longer than max_length={cfg.max_length}, the first at {stats.first_skipped}"
+                   if stats.skipped_too_long else "")
             raise InputError(f"no examples to train on ({stats.records} records{why})")
         vocab_size = self.model.config.vocab_size
         for example in data:
