@@ -1,4 +1,75 @@
-"""Build hook for the C API library in csrc/ (see csrc/README.md); metadata lives in pyproject.toml."""
-from setuptools import setup
+"""Build hook for the C API library in csrc/ (see csrc/README.md); metadata lives in pyproject.toml.
 
-setup()
+The library is a plain shared object (not a Python extension module) that embeds CPython, so it links libpython
+and bakes in the path of the python executable doing the build: run from any C program it starts that Python,
+whose pyvenv.cfg brings the virtual environment's site-packages. csrc/ has no CUDA sources (none was measured to
+beat the Triton kernels), so there is nothing to build or skip for CUDA.
+"""
+import os
+import shlex
+import shutil
+import sys
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError, PlatformError
+
+HEADER = "csrc/promptcot_engine.h"
+
+
+def c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def libpython_link_args() -> dict:
+    """The shared libpython when one exists (also beside a statically linked interpreter, where Debian's
+    libpython3.x-dev puts it); otherwise the static archive, whole, so that the extension modules the embedded
+    interpreter imports find every symbol they need."""
+    var = sysconfig.get_config_var
+    name = f"python{var('LDVERSION')}"
+    candidates = [var("LIBDIR"), os.path.join(var("LIBDIR"), var("MULTIARCH") or ""), var("LIBPL")]
+    for directory in candidates:
+        if os.path.isfile(os.path.join(directory, f"lib{name}.so")):
+            return dict(libraries=[name, "dl"], library_dirs=[directory], runtime_library_dirs=[directory])
+    archive = os.path.join(var("LIBPL"), var("LIBRARY"))
+    return dict(extra_link_args=["-Wl,--whole-archive", archive, "-Wl,--no-whole-archive",
+                                 *shlex.split(f"{var('LIBS')} {var('SYSLIBS')}")])
+
+
+CAPI = Extension(
+    "promptcot_engine.capi.libpromptcot_engine",
+    sources=["csrc/promptcot_engine.c"],
+    depends=[HEADER],
+    include_dirs=["csrc"],
+    define_macros=[("PCE_PYTHON_EXECUTABLE", c_string(sys.executable))],
+    extra_compile_args=["-fvisibility=hidden"],
+    optional=True,  # the Python package installs even where the C library cannot be built
+    **libpython_link_args(),
+)
+
+
+class BuildCapi(build_ext):
+    """Builds promptcot_engine/capi/libpromptcot_engine.so and ships the header beside it in the package."""
+
+    def get_ext_filename(self, fullname):
+        # asked with the full dotted name and with its last part alone: a plain .so either way, no ABI suffix
+        if CAPI.name.endswith(fullname):
+            return os.path.join(*fullname.split(".")) + ".so"
+        return super().get_ext_filename(fullname)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except (CCompilerError, CompileError, ExecError, LinkError, PlatformError, OSError) as e:
+            print(f"\nWARNING: the promptcot_engine C API library was NOT built ({e}).\n"
+                  "It needs a C compiler and the Python headers (e.g. apt-get install gcc python3-dev). The Python "
+                  "package is installed without it; the C API and its tests fail until it is built.\n",
+                  file=sys.stderr)
+            return
+        include = os.path.join(self.build_lib, "promptcot_engine", "capi", "include")
+        os.makedirs(include, exist_ok=True)
+        shutil.copy(HEADER, include)
+
+
+setup(ext_modules=[CAPI], cmdclass={"build_ext": BuildCapi})
