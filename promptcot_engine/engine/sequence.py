@@ -70,10 +70,6 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_computed_tokens < self.num_tokens - 1 or (self.num_computed_tokens < self.num_tokens and not self.num_output_tokens)
-
     def num_blocks(self, block_size: int) -> int:
         return (self.num_tokens + block_size - 1) // block_size
 
