@@ -106,38 +106,39 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def gather_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys, values) [B, max_blocks * block_size, num_kv_heads, head_dim]: each sequence's cached tokens
-    in order, zero past its context; and in_context [B, max_blocks * block_size]."""
-    block_size = k_cache.shape[1]
+    """(keys, values) [B, num_kv_heads, max_blocks * block_size, head_dim] (SDPA's layout, possibly as a
+    strided view), zero past each context; and in_context [B, max_blocks * block_size].
+
+    Whole blocks are gathered with one index_select (contiguous runs of block_size * heads * head_dim
+    values), and zeroing the positions past the context is the same pass that lays them out: stale or
+    never-written memory may be NaN, which a zero attention weight would not cancel (0 * NaN = NaN)."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    B, width = block_tables.shape
     device = block_tables.device
-    first_position = torch.arange(block_tables.shape[1], device=device) * block_size
-    # padding entries may hold any value, so they are replaced before they are used as indices
-    block_ids = torch.where(first_position[None, :] < context_lens[:, None], block_tables.long(), 0)
-    in_context = torch.arange(block_tables.shape[1] * block_size, device=device)[None, :] < context_lens[:, None]
-    # slots past the context hold stale or never-written memory, possibly NaN, which a zero attention
-    # weight would not cancel (0 * NaN = NaN)
-    keep = in_context[:, :, None, None]
-    keys = torch.where(keep, k_cache[block_ids].flatten(1, 2), 0)
-    values = torch.where(keep, v_cache[block_ids].flatten(1, 2), 0)
-    return keys, values, in_context
+    used_blocks = (context_lens.long() + block_size - 1) // block_size
+    # padding entries of the block tables may hold any value: never use them as indices
+    blocks = torch.where(torch.arange(width, device=device)[None, :] < used_blocks[:, None], block_tables.long(), 0)
+    in_context = torch.arange(width * block_size, device=device)[None, :] < context_lens[:, None]
+    keep = in_context[:, None, :, None]
 
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        runs = cache.index_select(0, blocks.flatten()).view(B, width * block_size, num_kv_heads, head_dim)
+        return torch.where(keep, runs.transpose(1, 2), 0)
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return gather(k_cache), gather(v_cache), in_context
 
 
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     B, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    dtype = _compute_dtype(q.dtype)
     k, v, in_context = gather_paged_kv(k_cache, v_cache, block_tables, context_lens)
-    grouped_q = q.to(dtype).view(B, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.einsum("bhgd,bnhd->bhgn", grouped_q, k.to(dtype)) * scale
-    probs = scores.masked_fill(~in_context[:, None, None, :], float("-inf")).softmax(-1)
-    out = torch.einsum("bhgn,bnhd->bhgd", probs, v.to(dtype)).reshape(B, num_heads, head_dim)
+    # the query heads sharing a kv head act as that head's query rows: one SDPA call, no repeat_kv copy
+    grouped_q = q.reshape(B, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    out = F.scaled_dot_product_attention(grouped_q, k, v, attn_mask=in_context[:, None, None, :], scale=scale)
+    out = out.reshape(B, num_heads, head_dim)
     # an empty context has an all-masked softmax row (NaN): give it zeros, as the kernel does
-    return torch.where((context_lens > 0)[:, None, None], out, 0.0).to(q.dtype)
+    return torch.where((context_lens > 0)[:, None, None], out, 0.0)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -174,9 +175,9 @@ def paged_prefill_attention_torch(q: torch.Tensor, cu_seqlens_q: torch.Tensor, k
     # padding query rows get positions >= context_len, so they still see the whole context: no empty
     # softmax row (NaN) appears even though their outputs are dropped
     q_positions = (context_lens.long() - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
-    k_positions = torch.arange(k.shape[1], device=device)
+    k_positions = torch.arange(k.shape[2], device=device)
     visible = (k_positions[None, None, :] <= q_positions[:, :, None]) & in_context[:, None, :]
-    out = F.scaled_dot_product_attention(padded_q.transpose(1, 2), k.to(q.dtype).transpose(1, 2),
-                                         v.to(q.dtype).transpose(1, 2), attn_mask=visible[:, None], scale=scale,
+    out = F.scaled_dot_product_attention(padded_q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
+                                         attn_mask=visible[:, None], scale=scale,
                                          enable_gqa=num_heads != k_cache.shape[2])
     return out.transpose(1, 2)[seq_of_token, index_in_seq]

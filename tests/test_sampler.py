@@ -78,3 +78,17 @@ def test_greedy_and_logprobs():
     tokens, logprobs = sample(logits, params, [None] * 5, torch.Generator(), want_logprobs=True)
     assert torch.equal(tokens, logits.argmax(-1))
     assert torch.allclose(logprobs, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1))
+
+
+def test_frequencies_across_cdf_chunks():
+    """Tokens on both sides of the sampler's CDF chunk boundaries (1024), in a vocabulary of several chunks."""
+    vocab, hot = 2500, [0, 5, 1023, 1024, 2047, 2048, 2499]
+    logits = torch.full((vocab,), -30.0, dtype=torch.float64)
+    logits[hot] = torch.tensor([1.0, 0.2, 1.5, -0.3, 0.8, 0.0, 1.1], dtype=torch.float64)
+    n = 30_000
+    tokens, _ = sample(logits.float().expand(n, -1).clone(), [SamplingParams()] * n, [None] * n,
+                       torch.Generator().manual_seed(99))
+    counts = np.bincount(tokens.numpy(), minlength=vocab)
+    expected = logits.softmax(-1).numpy()
+    assert counts[np.setdiff1d(np.arange(vocab), hot)].sum() <= 3  # the cold tokens hold ~1e-9 of the mass each
+    assert chi_square_p_value(counts[hot], expected[hot] / expected[hot].sum()) > 1e-3

@@ -1,9 +1,10 @@
 """Sampler: next tokens from a batch of logits, each row with its own SamplingParams.
 
 Greedy rows take the argmax. Other rows are scaled by temperature, truncated by top_k, top_p and min_p,
-and sampled by the exponential race (argmax of p / E with E ~ Exp(1)), which draws exactly from p and needs
-one vector of noise per row. A seeded row draws its noise from its own generator, so its tokens never
-depend on what else is in the batch; unseeded rows share one batched draw from the engine's generator.
+and sampled by inverting their CDF with one uniform number per row (a vocabulary-sized noise vector per row,
+as the Gumbel or exponential tricks need, costs more than the rest of the sampler on CPU). A seeded row
+draws its number from its own generator, so its tokens never depend on what else is in the batch;
+unseeded rows share one batched draw from the engine's generator.
 """
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 def processed_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top_k, top_p and min_p applied to non-greedy rows (greedy rows pass through)."""
     device = logits.device
-    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
-    logits = logits / temperature[:, None]
+    if any(p.temperature not in (0, 1) for p in params):
+        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
+        logits = logits / temperature[:, None]
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
         top_k = torch.tensor([p.top_k for p in params], device=device)
         top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
@@ -43,6 +45,29 @@ def processed_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torc
     if any(p.min_p > 0 for p in params):
         logits = apply_min_p(logits, torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype))
     return logits
+
+
+_CDF_CHUNK = 1024
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The token whose CDF interval holds u * total mass, found in two levels: first the chunk of
+    _CDF_CHUNK tokens (a fp64 CDF over chunk masses), then the token inside that chunk. This touches the full
+    vocabulary once instead of building a full-width fp64 CDF. `right=True` skips zero-probability tokens
+    (their CDF equals their predecessor's), even at u = 0."""
+    rows, vocab = probs.shape
+    chunks = -(-vocab // _CDF_CHUNK)
+    padded = probs if vocab % _CDF_CHUNK == 0 else torch.nn.functional.pad(probs, (0, chunks * _CDF_CHUNK - vocab))
+    padded = padded.view(rows, chunks, _CDF_CHUNK)
+    chunk_cdf = padded.sum(dim=-1).double().cumsum(dim=-1)
+    target = uniform * chunk_cdf[:, -1:]
+    chunk = torch.searchsorted(chunk_cdf, target, right=True).clamp_(max=chunks - 1)
+    before = torch.where(chunk > 0, chunk_cdf.gather(1, (chunk - 1).clamp(min=0)), 0.0)
+    inside = padded[torch.arange(rows, device=probs.device), chunk.squeeze(-1)].double()
+    index = torch.searchsorted(inside.cumsum(dim=-1), target - before, right=True)
+    # rounding can put the target just past the chunk's summed mass: fall back to its last live token
+    last_live = torch.where(inside > 0, torch.arange(_CDF_CHUNK, device=probs.device), -1).amax(dim=-1, keepdim=True)
+    return (chunk * _CDF_CHUNK + torch.minimum(index, last_live)).squeeze(-1)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
@@ -54,14 +79,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if not bool(greedy.all()):
         rows = (~greedy).nonzero().flatten().tolist()
         probs = processed_logits(logits[rows], [params[i] for i in rows]).softmax(dim=-1)
-        noise = torch.empty_like(probs)
+        uniform = torch.empty(len(rows), 1, dtype=torch.float64, device=logits.device)
         unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
         if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_(generator=default_generator)
+            uniform[unseeded] = torch.rand(len(unseeded), 1, dtype=torch.float64, device=logits.device,
+                                           generator=default_generator)
         for j, i in enumerate(rows):
             if generators[i] is not None:
-                noise[j].exponential_(generator=generators[i])
-        tokens[rows] = (probs / noise).argmax(dim=-1)
+                uniform[j] = torch.rand(1, dtype=torch.float64, device=logits.device, generator=generators[i])
+        tokens[rows] = inverse_cdf(probs, uniform)
     logprobs = None
     if want_logprobs:
         logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
