@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test bench
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# the main job: the EM loop on the embedded SmolLM2-135M-Instruct and the first 16 CHAMP problems
+# (rerunning resumes the run in runs/make-run, or just prints its summary when it is complete)
 run: $(STAMP)
-	$(VENV)/bin/promptcot generate --model smollm2-135m-instruct --chat --max-tokens 64 --temperature 0 \
-		--prompt "Explain in two sentences why the sum of two odd numbers is even."
+	$(VENV)/bin/promptcot em --config configs/smollm2_demo.toml
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only

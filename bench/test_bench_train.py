@@ -1,5 +1,5 @@
 """Training throughput and memory: transformers' naive step (full-logits cross-entropy) against the
-Trainer on the same SmolLM2-135M batch of 8 x 512 tokens (see train_bench.py). Asserts what does not
+Trainer on the same SmolLM2-135M batch of 8 x 512 tokens (see promptcot_engine/benchmarks/train.py). Asserts what does not
 depend on the clock: both sides compute the same loss, and the Trainer's peak memory is at most 60% of
 the naive run's; tokens/s and their ratio are printed and recorded, not asserted.
 
@@ -7,7 +7,7 @@ Run: pytest bench/test_bench_train.py --benchmark-only -s   (several minutes on 
 """
 import pytest
 
-from train_bench import run_train_bench
+from promptcot_engine.benchmarks.train import run_train_bench
 
 
 @pytest.mark.slow

@@ -26,13 +26,14 @@ def main():
 
 def _register() -> None:
     from promptcot_engine.benchmarks.commands import bench
-    from promptcot_engine.em.commands import dedup
+    from promptcot_engine.em.commands import annotate, dedup, em, estep, mstep, synthesize
     from promptcot_engine.engine.commands import generate, score
     from promptcot_engine.models.commands import convert
     from promptcot_engine.selfplay.commands import selfplay, sft_data
     from promptcot_engine.train.commands import train
 
-    for command in (bench, convert, dedup, generate, score, selfplay, sft_data, train):
+    for command in (annotate, bench, convert, dedup, em, estep, generate, mstep, score, selfplay, sft_data, synthesize,
+                    train):
         main.add_command(command)
 
 

@@ -105,7 +105,7 @@ def test_n_samples_prefill_the_prompt_once(tiny_llama_dir):
     llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", block_size=4, enable_prefix_caching=False)
     prompt = mixed_prompts(llm.engine.model.config.vocab_size)[10]  # 47 tokens: a partial last block
     out = llm.generate([prompt], SamplingParams(temperature=1.0, n=8, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]
-    assert llm.engine.num_prefilled_tokens == len(prompt)
+    assert llm.engine.stats.prefilled_tokens == len(prompt)
     assert len(out.outputs) == 8 and all(len(o.token_ids) == 6 for o in out.outputs)
     # children continue from the copied partial block: greedy children all equal the greedy continuation
     greedy = llm.generate([prompt], SamplingParams(temperature=0, n=4, max_tokens=6, ignore_eos=True), use_tqdm=False)[0]

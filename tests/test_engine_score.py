@@ -68,7 +68,7 @@ def test_shared_context_is_computed_once(tiny_llama_dir):
     llm.score([context] * 8, continuations, use_tqdm=False)
     # the first pair computes the context, the other seven reuse all its full blocks but the last
     # (which holds the token whose hidden state predicts the first continuation token)
-    computed = llm.engine.num_prefilled_tokens
+    computed = llm.engine.stats.prefilled_tokens
     assert computed == (64 + 10) + 7 * (64 - 60 + 10)
 
 

@@ -37,3 +37,56 @@ def bench_generate(model, num_prompts, n, max_tokens, temperature, compare, devi
 
     result = run_generate_bench(model, num_prompts, n, max_tokens, temperature, compare == "hf", device, dtype)
     _emit("generate", result, output)
+
+
+@bench.command("train")
+@click.option("--model", default="smollm2-135m-instruct", show_default=True)
+@click.option("--batch", default=8, show_default=True)
+@click.option("--seq-len", default=512, show_default=True)
+@click.option("--steps", default=3, show_default=True)
+@click.option("--activation-checkpointing", type=click.Choice(["none", "selective", "full"]), default="selective",
+              show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--output", type=click.Path(path_type=Path), help="Append the result as a JSON line here.")
+def bench_train(model, batch, seq_len, steps, activation_checkpointing, device, output):
+    """Training step: transformers (full-logits cross-entropy) vs the Trainer, tokens/s and peak memory."""
+    from promptcot_engine.benchmarks.train import run_train_bench
+
+    result = run_train_bench(model, batch, seq_len, steps, activation_checkpointing=activation_checkpointing, device=device)
+    _emit("train", result, output)
+
+
+@bench.command("score")
+@click.option("--model", default="smollm2-135m-instruct", show_default=True)
+@click.option("--num-pairs", default=64, show_default=True)
+@click.option("--pairs-per-context", default=8, show_default=True)
+@click.option("--context-len", default=512, show_default=True)
+@click.option("--continuation-len", default=512, show_default=True)
+@click.option("--compare", type=click.Choice(["hf", "none"]), default="hf", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--output", type=click.Path(path_type=Path), help="Append the result as a JSON line here.")
+def bench_score(model, num_pairs, pairs_per_context, context_len, continuation_len, compare, device, dtype, output):
+    """Teacher-forced scoring: engine vs transformers forward + log_softmax, throughput and peak memory."""
+    from promptcot_engine.benchmarks.score import run_score_bench
+
+    result = run_score_bench(model, num_pairs, pairs_per_context, context_len, continuation_len, device, dtype,
+                             compare == "hf")
+    result.pop("logprob_sums", None)
+    _emit("score", result, output)
+
+
+@bench.command("estep")
+@click.option("--model", default="smollm2-135m-instruct", show_default=True, help="Used as both q and p.")
+@click.option("--num-pairs", default=16, show_default=True, help="Seed pairs (c, x), from CHAMP.")
+@click.option("--k", default=8, show_default=True, help="Rationales per pair.")
+@click.option("--max-tokens", default=256, show_default=True, help="Rationale length cap.")
+@click.option("--compare", type=click.Choice(["hf", "none"]), default="none", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--output", type=click.Path(path_type=Path), help="Append the result as a JSON line here.")
+def bench_estep(model, num_pairs, k, max_tokens, compare, device, dtype, output):
+    """One E-step (sample K rationales per pair from q, score them under p): pairs/s, tokens/s, memory."""
+    from promptcot_engine.benchmarks.estep import run_estep_bench
+
+    _emit("estep", run_estep_bench(model, num_pairs, k, max_tokens, device, dtype, compare == "hf"), output)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 import platform
-import resource
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 
@@ -40,8 +41,43 @@ def timed():
     result["seconds"] = time.perf_counter() - start
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def status_mb(field: str) -> float:
+    """A /proc/self/status field (VmRSS, VmHWM, ...) in MiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def reset_peak_rss() -> float:
+    """Reset this process's peak resident set (VmHWM) to the current one and return that, so a peak read
+    later is the work's, not the model loading's (torch's CPU allocations are invisible to tracemalloc)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_mb("VmRSS")
+
+
+class PeakMemory:
+    """Peak memory a block of work adds: the CUDA allocator's peak on GPU, the resident-set high-water
+    mark on CPU. The CPU mark is per process, so each side of a comparison runs in its own process."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            self.baseline_mb = torch.cuda.memory_allocated(device) / 2**20
+        else:
+            self.baseline_mb = reset_peak_rss()
+
+    def peak_extra_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline_mb
+        return status_mb("VmHWM") - self.baseline_mb
+
+
+def run_side(module: str, side: str, args: list[str]) -> dict:
+    """Run one side of a benchmark as `python -m module --side side args...`; it prints a JSON line last."""
+    done = subprocess.run([sys.executable, "-m", module, "--side", side, *args], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def machine() -> dict:

@@ -69,7 +69,7 @@ class LLM:
     def _run(self, num_requests: int, use_tqdm: bool, what: str) -> dict[int, Request]:
         finished: dict[int, Request] = {}
         engine = self.engine
-        start_tokens = engine.num_generated_tokens + engine.num_prefilled_tokens
+        start_tokens = engine.stats.generated_tokens + engine.stats.prefilled_tokens
         start = time.perf_counter()
         with tqdm(total=num_requests, desc=what, unit="req", disable=not use_tqdm, dynamic_ncols=True) as bar:
             while engine.has_unfinished():
@@ -79,7 +79,7 @@ class LLM:
                     finished[request.request_id] = request
                 if done or bar.n == 0:
                     elapsed = max(time.perf_counter() - start, 1e-9)
-                    tokens = engine.num_generated_tokens + engine.num_prefilled_tokens - start_tokens
+                    tokens = engine.stats.generated_tokens + engine.stats.prefilled_tokens - start_tokens
                     bar.set_postfix_str(f"{tokens / elapsed:,.0f} tok/s", refresh=False)
                     bar.update(len(done))
         return finished

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import time
+
 import torch
 
 from promptcot_engine.config import EngineConfig
@@ -12,6 +14,7 @@ from promptcot_engine.engine.model_runner import ModelRunner
 from promptcot_engine.engine.sampler import sample
 from promptcot_engine.engine.scheduler import Scheduler
 from promptcot_engine.engine.sequence import Sequence, SequenceStatus, child_generator
+from promptcot_engine.engine.stats import EngineStats
 from promptcot_engine.errors import InputError
 from promptcot_engine.models.loader import load_model, resolve_device, resolve_dtype
 from promptcot_engine.sampling_params import SamplingParams
@@ -50,8 +53,7 @@ class LLMEngine:
         self.eos_token_ids = eos
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.requests: dict[int, Request] = {}
-        self.num_generated_tokens = 0
-        self.num_prefilled_tokens = 0
+        self.stats = EngineStats()
 
     # ---- requests ---------------------------------------------------------------------------------------
     def check_prompt(self, token_ids: list[int], what: str, max_new_tokens: int) -> None:
@@ -106,15 +108,21 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             raise RuntimeError("the scheduler found nothing to run while requests are pending")
         sample_seqs, logits, scores = self.runner.run(batch)
+        stats = self.stats
+        if batch.is_prefill:
+            stats.prefill_steps += 1
+            stats.prefilled_tokens += sum(batch.num_new_tokens)
+        else:
+            stats.decode_steps += 1
+            stats.decode_context_tokens += sum(s.num_tokens for s in batch.seqs)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.block_manager.mark_computed(seq)
-            if batch.is_prefill:
-                self.num_prefilled_tokens += n
             if seq.is_scoring:
                 logprobs, is_argmax = scores.get(seq.seq_id, ([], []))
                 seq.score_logprobs += logprobs
@@ -122,7 +130,12 @@ class LLMEngine:
                 if seq.num_computed_tokens == seq.num_tokens:
                     self._finish(seq, "stop", None)
         if sample_seqs:
-            self._sample(sample_seqs, logits, batch.is_prefill)
+            self._sample(sample_seqs, logits, batch.is_prefill)  # reads the sampled tokens: waits for the device
+        elapsed = time.perf_counter() - start
+        if batch.is_prefill:
+            stats.prefill_seconds += elapsed
+        else:
+            stats.decode_seconds += elapsed
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, newly_prefilled: bool) -> None:
         rows, all_seqs = [], []
@@ -174,7 +187,7 @@ class LLMEngine:
     def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> None:
         p = seq.params
         seq.token_ids.append(token)
-        self.num_generated_tokens += 1
+        self.stats.generated_tokens += 1
         if p.logprobs:
             seq.output_logprobs.append(logprob)
         new_text = seq.detokenizer.add(token)

