@@ -101,14 +101,12 @@ def annotate(teacher, seeds, num_seeds, output, num_concepts, **flags):
     from promptcot_engine.em.annotate import annotate_seeds
     from promptcot_engine.em.seeds import load_seeds
     from promptcot_engine.em.sharding import Sharding
-    from promptcot_engine.engine.llm import LLM
     from promptcot_engine.jsonl import write_jsonl
 
     _limit_threads_per_rank()
     config = _config(teacher=teacher, seeds=seeds, num_seeds=num_seeds, num_concepts=num_concepts, **flags)
     seed_records = load_seeds(config.seeds, config.num_seeds)
-    llm = LLM(config.teacher_model, dtype=config.dtype, device=config.device, seed=config.seed,
-              kv_cache_memory_gb=config.kv_cache_gb)
+    llm = config.make_llm(config.teacher_model)
     sharding = Sharding(llm.engine.device)
     triples = [t for ts in sharding.map(lambda chunk: annotate_seeds(llm, chunk, config), seed_records) for t in ts]
     if sharding.is_main:
@@ -131,14 +129,12 @@ def estep(rationale_model, prompt_model, input_path, output, winners, k, iterati
     from promptcot_engine.em.estep import sample_and_score, select_winners
     from promptcot_engine.em.sharding import Sharding
     from promptcot_engine.em.triples import read_triples
-    from promptcot_engine.engine.llm import LLM
     from promptcot_engine.jsonl import write_jsonl
 
     _limit_threads_per_rank()
     triples = read_triples(input_path, need_rationale=True)
     config = _config(k=k, **flags)
-    q = LLM(rationale_model, dtype=config.dtype, device=config.device, seed=config.seed, kv_cache_memory_gb=config.kv_cache_gb)
-    p = LLM(prompt_model, dtype=config.dtype, device=config.device, seed=config.seed, kv_cache_memory_gb=config.kv_cache_gb)
+    q, p = config.make_llm(rationale_model), config.make_llm(prompt_model)
     sharding = Sharding(q.engine.device)
     candidates = [c for cs in sharding.map(lambda chunk: sample_and_score(q, p, chunk, config, iteration), triples) for c in cs]
     if sharding.is_main:
@@ -159,13 +155,12 @@ def mstep(rationale_model, input_path, output, iteration, **flags):
     from promptcot_engine.em.mstep import greedy_rationales
     from promptcot_engine.em.sharding import Sharding
     from promptcot_engine.em.triples import read_triples
-    from promptcot_engine.engine.llm import LLM
     from promptcot_engine.jsonl import write_jsonl
 
     _limit_threads_per_rank()
     triples = read_triples(input_path, need_rationale=True)
     config = _config(**flags)
-    q = LLM(rationale_model, dtype=config.dtype, device=config.device, seed=config.seed, kv_cache_memory_gb=config.kv_cache_gb)
+    q = config.make_llm(rationale_model)
     sharding = Sharding(q.engine.device)
     records = [r for rs in sharding.map(lambda chunk: greedy_rationales(q, chunk, config, iteration), triples) for r in rs]
     if sharding.is_main:
@@ -188,13 +183,12 @@ def synthesize(prompt_model, concepts_from, num_problems, output, synthesis_max_
     from promptcot_engine.em.sharding import Sharding
     from promptcot_engine.em.synthesize import final_problem, generate_problems, synthesis_requests
     from promptcot_engine.em.triples import read_triples
-    from promptcot_engine.engine.llm import LLM
     from promptcot_engine.jsonl import write_jsonl
 
     _limit_threads_per_rank()
     triples = read_triples(concepts_from, need_rationale=False)
     config = _config(num_problems=num_problems, synthesis_max_tokens=synthesis_max_tokens, **flags)
-    p = LLM(prompt_model, dtype=config.dtype, device=config.device, seed=config.seed, kv_cache_memory_gb=config.kv_cache_gb)
+    p = config.make_llm(prompt_model)
     sharding = Sharding(p.engine.device)
     requests = synthesis_requests(sample_concept_sets(triples, config.num_problems, config.seed, config.num_concepts))
     outputs = [o for os_ in sharding.map(lambda chunk: generate_problems(p, chunk, config, 0), requests) for o in os_]

@@ -67,6 +67,13 @@ class EMConfig:
         if not 0 < self.synthesis_top_p <= 1:
             bad("synthesis_top_p", "in (0, 1]")
 
+    def make_llm(self, model: str):
+        """An inference engine for `model` with this run's engine settings."""
+        from promptcot_engine.engine.llm import LLM
+
+        return LLM(model, dtype=self.dtype, device=self.device, seed=self.seed, max_num_seqs=self.max_num_seqs,
+                   kv_cache_memory_gb=self.kv_cache_gb)
+
     @property
     def teacher_model(self) -> str:
         return self.teacher or self.model

@@ -90,12 +90,9 @@ class EMRun:
 
     def annotate(self, seeds: list[dict]) -> list[dict]:
         if not self.store.is_done("annotate"):
-            from promptcot_engine.engine.llm import LLM
-
             c = self.config
             self.log(f"cold start: annotating {len(seeds)} seeds with the teacher {c.teacher_model}")
-            teacher = LLM(c.teacher_model, dtype=c.dtype, device=c.device, seed=c.seed, max_num_seqs=c.max_num_seqs,
-                          kv_cache_memory_gb=c.kv_cache_gb)
+            teacher = c.make_llm(c.teacher_model)
             triples = self.store.chunked("annotate", seeds, lambda chunk: annotate_seeds(teacher, chunk, c), c.chunk_size)
             del teacher
             gc.collect()

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from promptcot_engine.em.config import EMConfig
-from promptcot_engine.engine.llm import LLM
 from promptcot_engine.models.hf_checkpoint import save_hf_checkpoint
 from promptcot_engine.models.loader import load_model
 from promptcot_engine.train.config import TrainConfig
@@ -19,8 +18,7 @@ class PolicyModel:
     def __init__(self, name: str, checkpoint: str | Path, config: EMConfig):
         self.name = name
         self.config = config
-        self.llm = LLM(checkpoint, dtype=config.dtype, device=config.device, seed=config.seed,
-                       max_num_seqs=config.max_num_seqs, kv_cache_memory_gb=config.kv_cache_gb)
+        self.llm = config.make_llm(checkpoint)
         # fp32 master weights for training (bf16 compute comes from the trainer's autocast on GPU)
         model, loaded = load_model(checkpoint, dtype="float32", device=training_device())
         self.checkpoint = loaded
@@ -41,8 +39,7 @@ class PolicyModel:
         return metrics
 
     def save(self, directory: Path) -> None:
-        state = {k: v for k, v in self.trainer.full_state_dict().items()}
-        model = self.trainer.model
-        if model.config.tie_word_embeddings:
+        state = dict(self.trainer.full_state_dict())
+        if self.checkpoint.config.tie_word_embeddings:  # stored once, as transformers stores it
             state.pop("lm_head.weight", None)
         save_hf_checkpoint(directory, self.checkpoint.config, state, self.checkpoint.tokenizer)

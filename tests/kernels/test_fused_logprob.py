@@ -1,10 +1,7 @@
 """Teacher-forced log-probs against the float64 reference (full logits, log_softmax, gather): the Triton kernel
 under TRITON_INTERPRET=1 into NaN-poisoned buffers, the chunked torch path, argmax ties, and the torch
 path's memory bound measured by tracking every tensor it creates."""
-import json
 import os
-import subprocess
-import sys
 import weakref
 
 import pytest
@@ -23,6 +20,7 @@ from promptcot_engine.kernels.fused_logprob import (
     linear_logprob_reference,
     merge_partials,
 )
+from tests.kernels.sm90 import assert_compiles_for_sm90
 
 # a GPU run turns the interpreter off (TRITON_INTERPRET=0): the Triton kernel then runs compiled, on CUDA
 KERNEL_DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
@@ -198,32 +196,13 @@ def test_out_of_vocabulary_target_names_its_index(fn):
         fn(hidden, weight, targets)
 
 
-COMPILE_FOR_SM90 = """
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from promptcot_engine.kernels import fused_logprob
-signature, constexprs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-source = ASTSource(fn=fused_logprob._linear_logprob_partials_kernel, signature=signature, constexprs=constexprs)
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
-print(len(compiled.asm["cubin"]))
-"""
-
-
 @pytest.mark.parametrize("element,precision", [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32x3")])
 def test_kernel_compiles_for_sm90(element, precision):
-    """The interpreter accepts code the GPU compiler rejects: compile the kernel as the GPU runs it (no
-    upcast, the default GPU tiles) to a cubin. In a child process without TRITON_INTERPRET, because
-    compiling a kernel with a loop bound computed at run time fails inside an interpreting process."""
+    """The kernel as the GPU runs it compiles to a cubin (see sm90.py)."""
     constexprs = {"BLOCK_T": 64, "BLOCK_V": 128, "BLOCK_H": 64, "UPCAST": False, "DOT_PRECISION": precision}
     signature = {"hidden_ptr": f"*{element}", "weight_ptr": f"*{element}", "targets_ptr": "*i64",
                  "split_lse_ptr": "*fp32", "split_max_ptr": "*fp32", "split_argmax_ptr": "*i32",
                  "split_target_logit_ptr": "*fp32", "T": "i32", "V": "i32", "H": "i32", "hidden_stride": "i32",
                  "weight_stride": "i32", "tiles_per_split": "i32", **{name: "constexpr" for name in constexprs}}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, json.dumps(signature), json.dumps(constexprs)],
-                            env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
-    if result.returncode and "ptxas" in result.stderr:
-        pytest.skip(f"no ptxas to finish the compile: {result.stderr[-300:]}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert int(result.stdout.split()[-1]) > 0
+    assert_compiles_for_sm90("promptcot_engine.kernels.fused_logprob", "_linear_logprob_partials_kernel", signature,
+                             constexprs, num_warps=8, num_stages=3)

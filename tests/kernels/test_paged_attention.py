@@ -1,11 +1,8 @@
 """Paged attention against a float64 reference built by a plain loop over sequences, heads and cached
 positions: the Triton decode kernel (under TRITON_INTERPRET=1, into a NaN-poisoned output), the batched
 torch decode path, and the torch prefill path with a cached prefix."""
-import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from promptcot_engine.kernels.paged_attention import (
     paged_decode_attention_triton,
     paged_prefill_attention_torch,
 )
+from tests.kernels.sm90 import assert_compiles_for_sm90
 
 # a GPU run turns the interpreter off (TRITON_INTERPRET=0): the Triton kernel then runs compiled, on CUDA
 KERNEL_DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
@@ -196,33 +194,14 @@ def test_dispatch_rejects_head_counts_that_do_not_group():
         paged_decode_attention(torch.randn(1, 5, 16), k_cache, v_cache, block_tables, ctx, 0.25)
 
 
-COMPILE_FOR_SM90 = """
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from promptcot_engine.kernels import paged_attention
-signature, constexprs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-source = ASTSource(fn=paged_attention._paged_decode_attention_kernel, signature=signature, constexprs=constexprs)
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-print(len(compiled.asm["cubin"]))
-"""
-
-
 @pytest.mark.parametrize("element,precision", [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32x3")])
 def test_kernel_compiles_for_sm90(element, precision):
-    """The interpreter accepts code the GPU compiler rejects: compile the kernel as the GPU runs it (no
-    upcast, real head sizes) to a cubin. In a child process without TRITON_INTERPRET, because compiling a
-    kernel whose loop bound is loaded from memory fails inside an interpreting process."""
+    """The kernel as the GPU runs it compiles to a cubin (see sm90.py)."""
     ints = ["q_stride_b", "q_stride_h", "out_stride_b", "out_stride_h", "cache_stride_block", "cache_stride_slot",
             "cache_stride_head", "block_tables_stride", "block_size", "queries_per_kv", "head_dim"]
     constexprs = {"BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "UPCAST": False, "DOT_PRECISION": precision}
     signature = {"out_ptr": f"*{element}", "q_ptr": f"*{element}", "k_cache_ptr": f"*{element}",
                  "v_cache_ptr": f"*{element}", "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "scale": "fp32",
                  **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs}}
-    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, json.dumps(signature), json.dumps(constexprs)],
-                            env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
-    if result.returncode and "ptxas" in result.stderr:
-        pytest.skip(f"no ptxas to finish the compile: {result.stderr[-300:]}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert int(result.stdout.split()[-1]) > 0
+    assert_compiles_for_sm90("promptcot_engine.kernels.paged_attention", "_paged_decode_attention_kernel", signature,
+                             constexprs, num_warps=4)
