@@ -8,6 +8,7 @@ import os
 import torch
 
 from promptcot_engine.attention.paged import AttentionMetadata, PagedAttention
+from promptcot_engine.attention.shared_prefix import plan_shared_prefix
 from promptcot_engine.attention.varlen import flash_attn_available
 from promptcot_engine.config import EngineConfig
 from promptcot_engine.engine.scheduler import ScheduledBatch
@@ -136,6 +137,8 @@ class ModelRunner:
             max_context_len=max(context_lens),
             has_cached_context=any(c != q for c, q in zip(context_lens, q_lens)),
         )
+        if not batch.is_prefill and self.backend == "torch":
+            metadata.shared_prefix = plan_shared_prefix([s.block_table for s in batch.seqs], context_lens, bs, dev)
         return (torch.tensor(input_ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
                 metadata)
 

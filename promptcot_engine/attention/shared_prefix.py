@@ -1,0 +1,117 @@
+"""Decode attention that reads a shared prefix once (CPU path).
+
+The engine's signature workload is n > 1 samples of one prompt (the E-step's K rationales per seed pair):
+the samples share the prompt's KV blocks. On CPU, decode attention is bound by reading the KV cache, and a
+plain paged decode reads the shared prompt once per sample. Here sequences whose block tables start with
+the same blocks form a group; the group's queries attend to the common prefix in one product (its KV read
+once), each sequence attends to its own remaining blocks, and the two partial softmaxes are merged exactly
+through their maxima and sums (the log-sum-exp trick), so the result equals attention over the whole context.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+_MASKED = -1e30  # a finite "minus infinity": a fully masked part must give weight 0, not NaN
+
+
+@dataclass
+class SharedPrefixPlan:
+    group_of_seq: torch.Tensor  # [B] int64
+    slot_in_group: torch.Tensor  # [B] int64
+    max_members: int
+    prefix_blocks: torch.Tensor  # [G, P] block ids of each group's common prefix (padded with 0)
+    prefix_num_blocks: torch.Tensor  # [G]
+    suffix_blocks: torch.Tensor  # [B, S] each sequence's blocks after its group's prefix (padded with 0)
+    suffix_lens: torch.Tensor  # [B] tokens in those blocks
+
+
+def plan_shared_prefix(block_tables: list[list[int]], context_lens: list[int], block_size: int,
+                       device: torch.device) -> SharedPrefixPlan | None:
+    """Group sequences by the deepest block they share with another sequence of the batch (samples of one
+    prompt share all its full blocks; unrelated prompts may share only a common preamble's first blocks,
+    which must not pull them into one group), and take each group's longest common run of full blocks.
+    None when no two sequences share a block: the plain paged path is then just as good."""
+    uses = Counter(block for table in block_tables for block in set(table))
+    if all(n == 1 for n in uses.values()):
+        return None
+    groups: dict[tuple, list[int]] = {}
+    for i, table in enumerate(block_tables):
+        depth = next((j for j, block in enumerate(table) if uses[block] == 1), len(table))
+        groups.setdefault((depth, table[depth - 1]) if depth else ("alone", i), []).append(i)
+    group_of_seq, slot_in_group = [0] * len(block_tables), [0] * len(block_tables)
+    prefixes, suffixes, suffix_lens = [], [None] * len(block_tables), [0] * len(block_tables)
+    for g, members in enumerate(groups.values()):
+        if len(members) == 1:
+            common = 0  # nothing to share: the whole context goes through the per-sequence part
+        else:
+            common = min((context_lens[i] - 1) // block_size for i in members)  # full blocks, never the newest token's
+            first = block_tables[members[0]]
+            for i in members[1:]:
+                table = block_tables[i]
+                common = next((j for j in range(common) if table[j] != first[j]), common)
+        prefixes.append(block_tables[members[0]][:common])
+        for slot, i in enumerate(members):
+            group_of_seq[i], slot_in_group[i] = g, slot
+            used = -(-context_lens[i] // block_size)
+            suffixes[i] = block_tables[i][common:used]
+            suffix_lens[i] = context_lens[i] - common * block_size
+
+    def padded(rows: list[list[int]]) -> torch.Tensor:
+        width = max(1, max(len(r) for r in rows))
+        return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
+
+    return SharedPrefixPlan(
+        group_of_seq=torch.tensor(group_of_seq, device=device), slot_in_group=torch.tensor(slot_in_group, device=device),
+        max_members=max(len(m) for m in groups.values()), prefix_blocks=padded(prefixes),
+        prefix_num_blocks=torch.tensor([len(p) for p in prefixes], device=device), suffix_blocks=padded(suffixes),
+        suffix_lens=torch.tensor(suffix_lens, device=device))
+
+
+def _partial_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
+                       lengths: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [N, nkv, R, d] against the first lengths[n] tokens of blocks[n] -> unnormalized output [N, nkv, R, d],
+    row maxima and row sums [N, nkv, R, 1] (zero sums where a row sees nothing)."""
+    N, width = blocks.shape
+    _, block_size, nkv, d = k_cache.shape
+    visible = torch.arange(width * block_size, device=q.device)[None, :] < lengths[:, None]  # [N, L]
+    keys = k_cache.index_select(0, blocks.flatten()).view(N, width * block_size, nkv, d).transpose(1, 2).to(q.dtype)
+    values = v_cache.index_select(0, blocks.flatten()).view(N, width * block_size, nkv, d).transpose(1, 2).to(q.dtype)
+    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible[:, None, None, :], _MASKED)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - row_max) * visible[:, None, None, :]
+    # stale slots past a context may hold anything, NaN included: zero weight must not meet them
+    values = torch.where(visible[:, None, :, None], values, 0)
+    return torch.matmul(weights, values), row_max, weights.sum(dim=-1, keepdim=True)
+
+
+def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                   plan: SharedPrefixPlan, scale: float) -> torch.Tensor:
+    """q [B, num_heads, head_dim] -> [B, num_heads, head_dim]: attention over each sequence's whole context."""
+    B, num_heads, head_dim = q.shape
+    nkv = k_cache.shape[2]
+    group_size = num_heads // nkv
+    dtype = torch.float32 if q.dtype != torch.float64 else q.dtype
+    grouped = q.to(dtype).view(B, nkv, group_size, head_dim)
+
+    # the common prefix: each group's members stacked as extra query rows of the same kv head
+    G, M = plan.prefix_blocks.shape[0], plan.max_members
+    group_q = grouped.new_zeros(G, M, nkv, group_size, head_dim)
+    group_q[plan.group_of_seq, plan.slot_in_group] = grouped
+    group_q = group_q.permute(0, 2, 1, 3, 4).reshape(G, nkv, M * group_size, head_dim)
+    block_size = k_cache.shape[1]
+    o1, m1, l1 = _partial_attention(group_q, k_cache, v_cache, plan.prefix_blocks, plan.prefix_num_blocks * block_size, scale)
+
+    def per_seq(t: torch.Tensor) -> torch.Tensor:  # [G, nkv, M * g, x] -> [B, nkv, g, x]
+        t = t.view(G, nkv, M, group_size, t.shape[-1]).permute(0, 2, 1, 3, 4)
+        return t[plan.group_of_seq, plan.slot_in_group]
+
+    o1, m1, l1 = per_seq(o1), per_seq(m1), per_seq(l1)
+    o2, m2, l2 = _partial_attention(grouped, k_cache, v_cache, plan.suffix_blocks, plan.suffix_lens, scale)
+    m = torch.maximum(m1, m2)
+    a1, a2 = torch.exp(m1 - m), torch.exp(m2 - m)
+    out = (o1 * a1 + o2 * a2) / (l1 * a1 + l2 * a2)
+    return out.reshape(B, num_heads, head_dim).to(q.dtype)
