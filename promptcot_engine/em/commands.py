@@ -108,7 +108,8 @@ def annotate(teacher, seeds, num_seeds, output, num_concepts, **flags):
     seed_records = load_seeds(config.seeds, config.num_seeds)
     llm = config.make_llm(config.teacher_model)
     sharding = Sharding(llm.engine.device)
-    triples = [t for ts in sharding.map(lambda chunk: annotate_seeds(llm, chunk, config), seed_records) for t in ts]
+    triples = sharding.map_chunks(lambda chunk: annotate_seeds(llm, chunk, config), seed_records, config.chunk_size,
+                                  "annotate")
     if sharding.is_main:
         write_jsonl(output, triples)
         click.echo(f"annotated {len(triples)} of {len(seed_records)} seeds into {output}", err=True)
@@ -136,7 +137,8 @@ def estep(rationale_model, prompt_model, input_path, output, winners, k, iterati
     config = _config(k=k, **flags)
     q, p = config.make_llm(rationale_model), config.make_llm(prompt_model)
     sharding = Sharding(q.engine.device)
-    candidates = [c for cs in sharding.map(lambda chunk: sample_and_score(q, p, chunk, config, iteration), triples) for c in cs]
+    candidates = sharding.map_chunks(lambda chunk: sample_and_score(q, p, chunk, config, iteration), triples,
+                                     config.chunk_size, "estep")
     if sharding.is_main:
         write_jsonl(output, candidates)
         if winners:
@@ -162,7 +164,8 @@ def mstep(rationale_model, input_path, output, iteration, **flags):
     config = _config(**flags)
     q = config.make_llm(rationale_model)
     sharding = Sharding(q.engine.device)
-    records = [r for rs in sharding.map(lambda chunk: greedy_rationales(q, chunk, config, iteration), triples) for r in rs]
+    records = sharding.map_chunks(lambda chunk: greedy_rationales(q, chunk, config, iteration), triples,
+                                  config.chunk_size, "mstep")
     if sharding.is_main:
         write_jsonl(output, records)
         click.echo(f"{len(records)} rationales into {output}", err=True)
@@ -191,7 +194,8 @@ def synthesize(prompt_model, concepts_from, num_problems, output, synthesis_max_
     p = config.make_llm(prompt_model)
     sharding = Sharding(p.engine.device)
     requests = synthesis_requests(sample_concept_sets(triples, config.num_problems, config.seed, config.num_concepts))
-    outputs = [o for os_ in sharding.map(lambda chunk: generate_problems(p, chunk, config, 0), requests) for o in os_]
+    outputs = sharding.map_chunks(lambda chunk: generate_problems(p, chunk, config, 0), requests, config.chunk_size,
+                                  "synthesize")
     if sharding.is_main:
         valid = [final_problem(o) for o in outputs if o["valid"]]
         write_jsonl(output, valid)

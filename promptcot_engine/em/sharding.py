@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from promptcot_engine.train import distributed
 
@@ -36,3 +37,13 @@ class Sharding:
         gathered = distributed.all_gather_objects(list(zip(mine, results)), self.ctx)
         ordered = dict(pair for rank_results in gathered for pair in rank_results)
         return [ordered[i] for i in range(len(items))]
+
+    def map_chunks(self, work: Callable[[list], list[list[dict]]], items: list, chunk_size: int, desc: str) -> list[dict]:
+        """`map` chunk by chunk with a progress bar; work returns a list of records per item, flattened here."""
+        records = []
+        with tqdm(total=len(items), desc=desc, unit="item", disable=not self.is_main, dynamic_ncols=True) as bar:
+            for start in range(0, len(items), chunk_size):
+                chunk = items[start:start + chunk_size]
+                records += [r for item_records in self.map(work, chunk) for r in item_records]
+                bar.update(len(chunk))
+        return records
