@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from promptcot_engine.kernels.fused_logprob import chunked_linear_logprob
+from promptcot_engine.kernels.fused_logprob import chunked_linear_logprob, fused_linear_logprob
 
 T, H, V = 2048, 576, 49152
 FLOPS = 2 * T * H * V
@@ -72,6 +72,34 @@ def test_bench_linear_logprob(benchmark, capsys, name):
               f"peak extra RSS {peak / 2**20:,.0f} MiB (full fp32 logits: {T * V * 4 / 2**20:,.0f} MiB)")
         if len(RESULTS) == 2:
             print(f"chunked / naive throughput: {RESULTS['chunked'] / RESULTS['naive']:.2f}x")
+
+
+# dense bf16 tensor-core peak (TFLOP/s) of the cards this knows, by a substring of the device name
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel's throughput needs a GPU")
+def test_bench_fused_logprob_gpu(benchmark, capsys):
+    """The fused Triton kernel in bf16 on an E-step-sized batch of scored tokens: achieved TFLOP/s of the
+    LM-head product it fuses, against the card's bf16 peak."""
+    tokens = 16384
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(tokens, H, device="cuda", generator=g).bfloat16()
+    weight = (torch.randn(V, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
+    targets = torch.randint(0, V, (tokens,), device="cuda", generator=g)
+
+    def run():
+        fused_linear_logprob(hidden, weight, targets)
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=2)
+    tflops = 2 * tokens * H * V / benchmark.stats.stats.mean / 1e12
+    name = torch.cuda.get_device_name()
+    peak = next((v for card, v in BF16_PEAK_TFLOPS.items() if card in name), None)
+    benchmark.extra_info.update(tflops=tflops, peak_tflops=peak)
+    with capsys.disabled():
+        print(f"\nfused_linear_logprob bf16 on {name}: {tflops:.1f} TFLOP/s"
+              + (f" = {tflops / peak:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""))
 
 
 if __name__ == "__main__":
