@@ -13,6 +13,7 @@ from promptcot_engine.kernels.fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
     linear_cross_entropy_reference,
 )
+from tests.kernels.sm90 import assert_compiles_for_sm90
 
 # a GPU run turns the interpreter off (TRITON_INTERPRET=0): the Triton kernel then runs compiled, on CUDA
 KERNEL_DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
@@ -167,26 +168,11 @@ def test_rejects_out_of_range_targets():
         fused_linear_cross_entropy(hidden, weight, target)
 
 
-def test_kernel_compiles_for_sm90():
-    """The interpreter accepts code the GPU compiler rejects; compile the kernel to a cubin to catch that."""
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    from promptcot_engine.kernels.fused_linear_cross_entropy import _cross_entropy_grad_kernel
-
-    # under TRITON_INTERPRET the decorator returned an interpreter wrapper; compile the plain function
-    kernel = JITFunction(getattr(_cross_entropy_grad_kernel, "fn", _cross_entropy_grad_kernel))
-    for element in ("fp32", "bf16"):
-        signature = {"logits_ptr": f"*{element}", "logits_stride": "i64", "grad_ptr": f"*{element}",
-                     "grad_stride": "i64", "target_ptr": "*i64", "loss_ptr": "*fp32", "grad_scale_ptr": "*fp32",
-                     "V": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr"}
-        source = ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK_V": 4096})
-        try:
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-        except RuntimeError as e:
-            if "ptxas" in str(e):
-                pytest.skip(f"no ptxas to finish the compile: {e}")
-            raise
-        assert compiled.asm["cubin"]
+@pytest.mark.parametrize("element", ["fp32", "bf16"])
+def test_kernel_compiles_for_sm90(element):
+    """The kernel as the GPU runs it compiles to a cubin (see sm90.py)."""
+    signature = {"logits_ptr": f"*{element}", "logits_stride": "i64", "grad_ptr": f"*{element}",
+                 "grad_stride": "i64", "target_ptr": "*i64", "loss_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+                 "V": "i32", "ignore_index": "i32", "BLOCK_V": "constexpr"}
+    assert_compiles_for_sm90("promptcot_engine.kernels.fused_linear_cross_entropy", "_cross_entropy_grad_kernel",
+                             signature, {"BLOCK_V": 4096}, num_warps=8)
