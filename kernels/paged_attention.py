@@ -110,7 +110,7 @@ def gather_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: 
     strided view), zero past each context; and in_context [B, max_blocks * block_size].
 
     Whole blocks are gathered with one index_select (contiguous runs of block_size * heads * head_dim
-    values), and zeroing the positions past the context is the same pass that lays them out: stale or
+    values), and the positions past the context are then zeroed in place (a write of the tails only): stale or
     never-written memory may be NaN, which a zero attention weight would not cancel (0 * NaN = NaN)."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     B, width = block_tables.shape
@@ -119,11 +119,12 @@ def gather_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: 
     # padding entries of the block tables may hold any value: never use them as indices
     blocks = torch.where(torch.arange(width, device=device)[None, :] < used_blocks[:, None], block_tables.long(), 0)
     in_context = torch.arange(width * block_size, device=device)[None, :] < context_lens[:, None]
-    keep = in_context[:, None, :, None]
+    past_context = (~in_context).flatten().nonzero().squeeze(1)
 
     def gather(cache: torch.Tensor) -> torch.Tensor:
-        runs = cache.index_select(0, blocks.flatten()).view(B, width * block_size, num_kv_heads, head_dim)
-        return torch.where(keep, runs.transpose(1, 2), 0)
+        runs = cache.index_select(0, blocks.flatten())
+        runs.view(B * width * block_size, -1).index_fill_(0, past_context, 0)
+        return runs.view(B, width * block_size, num_kv_heads, head_dim).transpose(1, 2)
 
     return gather(k_cache), gather(v_cache), in_context
 

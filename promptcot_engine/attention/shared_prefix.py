@@ -5,7 +5,7 @@ the samples share the prompt's KV blocks. On CPU, decode attention is bound by r
 plain paged decode reads the shared prompt once per sample. Here sequences whose block tables start with
 the same blocks form a group; the group's queries attend to the common prefix in one product (its KV read
 once), each sequence attends to its own remaining blocks, and the two partial softmaxes are merged exactly
-through their maxima and sums (the log-sum-exp trick), so the result equals attention over the whole context.
+through their log-sum-exps, so the result equals attention over the whole context.
 """
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-_MASKED = -1e30  # a finite "minus infinity": a fully masked part must give weight 0, not NaN
+from promptcot_engine.kernels.attention_states import attention_with_lse, merge_attn_states
+from promptcot_engine.kernels.paged_attention import gather_paged_kv
 
 
 @dataclass
@@ -71,21 +72,11 @@ def plan_shared_prefix(block_tables: list[list[int]], context_lens: list[int], b
 
 
 def _partial_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                       lengths: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q [N, nkv, R, d] against the first lengths[n] tokens of blocks[n] -> unnormalized output [N, nkv, R, d],
-    row maxima and row sums [N, nkv, R, 1] (zero sums where a row sees nothing)."""
-    N, width = blocks.shape
-    _, block_size, nkv, d = k_cache.shape
-    visible = torch.arange(width * block_size, device=q.device)[None, :] < lengths[:, None]  # [N, L]
-    keys = k_cache.index_select(0, blocks.flatten()).view(N, width * block_size, nkv, d).transpose(1, 2).to(q.dtype)
-    values = v_cache.index_select(0, blocks.flatten()).view(N, width * block_size, nkv, d).transpose(1, 2).to(q.dtype)
-    scores = torch.matmul(q, keys.transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible[:, None, None, :], _MASKED)
-    row_max = scores.amax(dim=-1, keepdim=True)
-    weights = torch.exp(scores - row_max) * visible[:, None, None, :]
-    # stale slots past a context may hold anything, NaN included: zero weight must not meet them
-    values = torch.where(visible[:, None, :, None], values, 0)
-    return torch.matmul(weights, values), row_max, weights.sum(dim=-1, keepdim=True)
+                       lengths: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, nkv, R, d] against the first lengths[n] tokens of blocks[n] -> output [N, nkv, R, d] and
+    log-sum-exp [N, nkv, R] (-inf where a row sees nothing)."""
+    keys, values, _ = gather_paged_kv(k_cache, v_cache, blocks, lengths)  # zero past each length: stale slots may be NaN
+    return attention_with_lse(q, keys.to(q.dtype), values.to(q.dtype), scale, key_lens=lengths)
 
 
 def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -94,8 +85,7 @@ def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     B, num_heads, head_dim = q.shape
     nkv = k_cache.shape[2]
     group_size = num_heads // nkv
-    dtype = torch.float32 if q.dtype != torch.float64 else q.dtype
-    grouped = q.to(dtype).view(B, nkv, group_size, head_dim)
+    grouped = q.view(B, nkv, group_size, head_dim).to(k_cache.dtype)
 
     # the common prefix: each group's members stacked as extra query rows of the same kv head
     G, M = plan.prefix_blocks.shape[0], plan.max_members
@@ -103,15 +93,13 @@ def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     group_q[plan.group_of_seq, plan.slot_in_group] = grouped
     group_q = group_q.permute(0, 2, 1, 3, 4).reshape(G, nkv, M * group_size, head_dim)
     block_size = k_cache.shape[1]
-    o1, m1, l1 = _partial_attention(group_q, k_cache, v_cache, plan.prefix_blocks, plan.prefix_num_blocks * block_size, scale)
+    prefix_out, prefix_lse = _partial_attention(group_q, k_cache, v_cache, plan.prefix_blocks,
+                                                plan.prefix_num_blocks * block_size, scale)
 
-    def per_seq(t: torch.Tensor) -> torch.Tensor:  # [G, nkv, M * g, x] -> [B, nkv, g, x]
-        t = t.view(G, nkv, M, group_size, t.shape[-1]).permute(0, 2, 1, 3, 4)
+    def per_seq(t: torch.Tensor) -> torch.Tensor:  # [G, nkv, M * g, ...] -> [B, nkv, g, ...]
+        t = t.view(G, nkv, M, group_size, *t.shape[3:]).transpose(1, 2)
         return t[plan.group_of_seq, plan.slot_in_group]
 
-    o1, m1, l1 = per_seq(o1), per_seq(m1), per_seq(l1)
-    o2, m2, l2 = _partial_attention(grouped, k_cache, v_cache, plan.suffix_blocks, plan.suffix_lens, scale)
-    m = torch.maximum(m1, m2)
-    a1, a2 = torch.exp(m1 - m), torch.exp(m2 - m)
-    out = (o1 * a1 + o2 * a2) / (l1 * a1 + l2 * a2)
+    own_out, own_lse = _partial_attention(grouped, k_cache, v_cache, plan.suffix_blocks, plan.suffix_lens, scale)
+    out = merge_attn_states(per_seq(prefix_out), per_seq(prefix_lse), own_out, own_lse)
     return out.reshape(B, num_heads, head_dim).to(q.dtype)

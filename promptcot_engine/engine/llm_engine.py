@@ -9,6 +9,7 @@ import torch
 
 from promptcot_engine.config import EngineConfig
 from promptcot_engine.engine.block_manager import BlockManager
+from promptcot_engine.engine.cpu_memory import retain_freed_memory
 from promptcot_engine.engine.detokenizer import IncrementalDetokenizer
 from promptcot_engine.engine.model_runner import ModelRunner
 from promptcot_engine.engine.sampler import sample
@@ -40,6 +41,8 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        if self.device.type == "cpu":
+            retain_freed_memory()
         self.model, self.checkpoint = load_model(config.model, self.dtype, self.device)
         self.tokenizer = self.checkpoint.tokenizer
         mc = self.model.config

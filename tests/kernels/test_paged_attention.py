@@ -159,6 +159,7 @@ PREFILL_CASES = [
     (4, 9, 3, 16, torch.float64, [0, 5, 8], [3, 1, 6]),
     (16, 7, 1, 64, torch.float32, [19, 0, 32], [7, 5, 1]),
     (16, 6, 2, 24, torch.bfloat16, [3, 17], [13, 2]),
+    (8, 4, 4, 32, torch.float32, [0, 0], [5, 3]),  # nothing cached yet: the causal part alone
 ]
 
 

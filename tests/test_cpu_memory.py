@@ -1,0 +1,35 @@
+"""Large CPU tensors come from glibc's heap, not from fresh mappings, once an engine ran on CPU."""
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import ctypes, sys, torch
+from promptcot_engine.engine.cpu_memory import retain_freed_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def mapped_bytes_while_holding_64_mib():
+    x = torch.empty(16 << 20, dtype=torch.float32)
+    x.fill_(1)
+    held = libc.mallinfo2().hblkhd
+    del x
+    return held
+
+before = mapped_bytes_while_holding_64_mib()
+applied = retain_freed_memory()
+after = mapped_bytes_while_holding_64_mib()
+print(applied, before >= 64 << 20, after < 64 << 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_large_tensors_stop_being_mapped_afresh():
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "True", "True"]
