@@ -171,3 +171,15 @@ def test_prompt_longer_than_context_names_index(tiny_llama_dir):
     with pytest.raises(InputError, match="prompt 0 .*KV blocks"):
         LLM(tiny_llama_dir, dtype="float32", device="cpu", num_kv_blocks=2, block_size=4).generate(
             [[5] * 10], SamplingParams(max_tokens=4), use_tqdm=False)
+
+
+def test_stats_count_what_the_steps_did(tiny_model_dir):
+    """The counters behind progress bars and the decode roofline: two prompts prefilled in one step, then
+    each decode step reads every cached entry of both sequences, the newest token's included."""
+    llm = LLM(tiny_model_dir, dtype="float32", device="cpu", block_size=4, seed=0)
+    prompts = mixed_prompts(llm.engine.model.config.vocab_size)[2:4]  # 5 and 8 tokens
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    stats = llm.engine.stats
+    assert (stats.prefill_steps, stats.prefilled_tokens) == (1, 13)
+    assert (stats.decode_steps, stats.generated_tokens) == (3, 8)
+    assert stats.decode_context_tokens == sum(len(p) + j for p in prompts for j in (1, 2, 3))

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 
 import torch
 
+from promptcot_engine.engine.cpu_memory import release_free_memory
+
 BENCH_QUESTIONS = [
     "Prove that the sum of two odd integers is even.", "How many positive divisors does 360 have?",
     "Find all real x with x^2 - 5x + 6 = 0.", "What is the remainder when 2^100 is divided by 7?",
@@ -49,7 +51,9 @@ def status_mb(field: str) -> float:
 
 def reset_peak_rss() -> float:
     """Reset this process's peak resident set (VmHWM) to the current one and return that, so a peak read
-    later is the work's, not the model loading's (torch's CPU allocations are invisible to tracemalloc)."""
+    later is the work's, not the model loading's (torch's CPU allocations are invisible to tracemalloc).
+    Free memory the allocator keeps for reuse is released first, or the work would seem to need none of it."""
+    release_free_memory()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return status_mb("VmRSS")

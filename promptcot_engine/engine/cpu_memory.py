@@ -19,17 +19,32 @@ RETAINED_BYTES = 1 << 30  # allocations up to this size come from the heap; free
 _applied = False
 
 
+def _libc_function(name: str):
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+        return None
+
+
 def retain_freed_memory() -> bool:
     """Apply the setting once; True when the C library took it."""
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = bool(mallopt(M_MMAP_THRESHOLD, RETAINED_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, RETAINED_BYTES))
     return _applied
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system now (malloc_trim), so that the resident size is what is
+    live: a memory measurement's baseline must not include what is merely kept for reuse."""
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        malloc_trim(0)
