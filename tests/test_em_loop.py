@@ -15,6 +15,7 @@ from promptcot_engine import LLM
 from promptcot_engine.em.config import EMConfig
 from promptcot_engine.em.estep import sample_and_score, select_winners
 from promptcot_engine.em.loop import run_em
+from promptcot_engine.em.run_store import RunStore
 from promptcot_engine.em.templates import prompt_model_prompt, prompt_model_segments
 from tests.reference import hf_model
 from tests.tiny_checkpoints import tiny_checkpoint
@@ -215,3 +216,15 @@ def test_two_ranks_give_the_same_records_as_one(tmp_path):
     assert [(c["id"], c["k"], c["rationale"]) for c in one] == [(c["id"], c["k"], c["rationale"]) for c in two]
     assert all(abs(a["reward"] - b["reward"]) < 1e-3 for a, b in zip(one, two) if a["valid"])
     assert synth_one == synth_two
+
+
+def test_stale_temporary_files_of_a_killed_write_are_removed_on_resume(tmp_path):
+    """A kill -9 between a temporary file's creation and its rename leaves `.name.XXXX.tmp` behind: opening the
+    run directory again removes it, and only it."""
+    (tmp_path / "iter_1" / "estep").mkdir(parents=True)
+    stale = [tmp_path / ".state.json.og79dz0s.tmp", tmp_path / "iter_1" / "estep" / ".part-00003.jsonl.ab12cd.tmp"]
+    kept = [tmp_path / "iter_1" / "estep" / "part-00002.jsonl", tmp_path / "notes.tmp"]
+    for path in stale + kept:
+        path.write_text("{}\n")
+    RunStore(tmp_path)
+    assert [p.exists() for p in stale + kept] == [False, False, True, True]

@@ -31,6 +31,12 @@ class RunStore:
                 self.state = json.loads(self.state_path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as e:
                 raise InputError(f"{self.state_path}: invalid JSON ({e.msg}); not a run directory of this engine?") from None
+        if self.sharding.is_main and self.run_dir.is_dir():
+            # a kill -9 between a temporary file's creation and its rename leaves it behind; nothing else writes
+            # here while the job starts (the other ranks wait below), so any left is stale
+            for stale in self.run_dir.rglob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        self.sharding.barrier()
 
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
