@@ -1,9 +1,8 @@
 """Attention over a context split in parts: each part's softmax with its log-sum-exp, merged exactly.
 
 softmax over keys A and B together equals the two partial results weighted by exp(lse_A - lse) and
-exp(lse_B - lse), lse = log(exp(lse_A) + exp(lse_B)). The CPU paths use this to give each part the cheapest
-exact kernel: a cached prefix needs no causal mask and is read once for all queries that share it, and the
-new tokens' causal part runs on the fused (flash) CPU kernel without an explicit mask.
+exp(lse_B - lse), lse = log(exp(lse_A) + exp(lse_B)). CPU decode uses it to read a prompt shared by several
+samples once for all of them (attention/shared_prefix.py), each part on torch's fused CPU attention kernel.
 """
 from __future__ import annotations
 
@@ -17,9 +16,9 @@ _flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cp
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
                        key_lens: torch.Tensor | None = None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, H, Lq, d], k and v [B, H, Lk, d] (any strides) -> out [B, H, Lq, d] in q's dtype and lse [B, H, Lq]
-    in fp32 (fp64 for fp64). key_lens [B]: row b sees only its first key_lens[b] keys (the rest must be finite: zero them);
-    a row that sees no key gets out 0 and lse -inf, so merging it changes nothing. causal: query i sees keys
-    up to i (top-left aligned, as SDPA's is_causal)."""
+    in fp32 (fp64 for fp64). key_lens [B]: row b sees only its first key_lens[b] keys (the rest must be
+    finite: zero them); a row that sees no key gets out 0 and lse -inf, so merging it changes nothing.
+    causal: query i sees keys up to i (top-left aligned, as SDPA's is_causal)."""
     B, Lk = k.shape[0], k.shape[2]
     mask = None
     if key_lens is not None:

@@ -24,7 +24,7 @@ def _libc_function(name: str):
         return None
     try:
         return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+    except (OSError, AttributeError):  # not glibc (musl has neither function): nothing to tune
         return None
 
 
