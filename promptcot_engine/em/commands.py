@@ -86,7 +86,8 @@ def em(config_path, **flags):
     _limit_threads_per_rank()
     config = _config(config_path, **flags)
     summary = run_em(config, log=lambda message: click.echo(message, err=True))
-    click.echo(format_summary(summary))
+    if summary is not None:
+        click.echo(format_summary(summary))
 
 
 @click.command()

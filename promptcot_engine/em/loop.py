@@ -49,9 +49,9 @@ _RESUMABLE_CHANGES = {"run_dir", "device", "dtype", "kv_cache_gb", "max_num_seqs
 class EMRun:
     def __init__(self, config: EMConfig, log=print):
         self.config = config
-        self.log = log
         device = resolve_device(config.device)
         self.store = RunStore(config.run_dir, Sharding(device))
+        self.log = log if self.store.sharding.is_main else (lambda message: None)  # one voice under torchrun
         self._check_config()
         self.q: PolicyModel | None = None
         self.p: PolicyModel | None = None
@@ -117,7 +117,8 @@ class EMRun:
         model = q if which == "q" else p
         self.log(f"{stage}: SFT of {which} on {len(examples)} examples (lr {lr}, {epochs} epoch(s))")
         metrics = model.sft(examples, lr, epochs)
-        directory = self.store.replace_dir(f"checkpoints/iter_{iteration}/{which}", model.save)
+        state = model.checkpoint_state()  # every rank takes part; only the main rank writes
+        directory = self.store.replace_dir(f"checkpoints/iter_{iteration}/{which}", lambda d: model.save(d, state))
         self.store.state.setdefault("models", {})[which] = str(directory)
         self.store.mark_done(stage, **metrics)
         self._prune_checkpoints(iteration)
@@ -218,6 +219,9 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_em(config: EMConfig, log=print) -> dict:
+def run_em(config: EMConfig, log=print) -> dict | None:
+    """The whole loop; the summary on the main rank, None on the others under torchrun."""
     torch.manual_seed(config.seed)
-    return EMRun(config, log).run()
+    run = EMRun(config, log)
+    summary = run.run()
+    return summary if run.store.sharding.is_main else None

@@ -38,8 +38,13 @@ class PolicyModel:
         metrics.pop("history", None)
         return metrics
 
-    def save(self, directory: Path) -> None:
+    def checkpoint_state(self) -> dict:
+        """The weights as a checkpoint stores them. Under torchrun gathering the shards is a collective:
+        every rank calls this, though only the main rank writes."""
         state = dict(self.trainer.full_state_dict())
         if self.checkpoint.config.tie_word_embeddings:  # stored once, as transformers stores it
             state.pop("lm_head.weight", None)
+        return state
+
+    def save(self, directory: Path, state: dict) -> None:
         save_hf_checkpoint(directory, self.checkpoint.config, state, self.checkpoint.tokenizer)
