@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: the prompts, timing, peak-memory readings and result printing."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
@@ -76,6 +77,20 @@ class PeakMemory:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20 - self.baseline_mb
         return status_mb("VmHWM") - self.baseline_mb
+
+
+def side_main(doc: str, engine_side, transformers_side, **int_options: int) -> None:
+    """The entry point of a benchmark's side process (what run_side starts): --side, --model, --device, --dtype
+    and the benchmark's integer options (name=default); prints the side's result as one JSON line."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--side", choices=["engine", "transformers"], required=True)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    for name, default in int_options.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    args = parser.parse_args()
+    print(json.dumps((engine_side if args.side == "engine" else transformers_side)(args)))
 
 
 def run_side(module: str, side: str, args: list[str]) -> dict:

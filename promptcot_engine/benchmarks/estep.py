@@ -8,12 +8,9 @@ bandwidth roofline the engine's decode steps reach (weights read once per step p
 """
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
-from promptcot_engine.benchmarks.common import PeakMemory, machine, run_side, timed
+from promptcot_engine.benchmarks.common import PeakMemory, machine, run_side, side_main, timed
 
 MODULE = "promptcot_engine.benchmarks.estep"
 # HBM bandwidth (bytes/s) of the cards the roofline knows, by a substring of torch.cuda.get_device_name()
@@ -33,6 +30,7 @@ def _engine_side(args) -> dict:
     from promptcot_engine.em.config import EMConfig
     from promptcot_engine.em.estep import sample_and_score
     from promptcot_engine.engine.llm import LLM
+    from promptcot_engine.engine.stats import EngineStats
 
     q = LLM(args.model, dtype=args.dtype, device=args.device, seed=0)
     p = LLM(args.model, dtype=args.dtype, device=args.device, seed=0)
@@ -41,7 +39,7 @@ def _engine_side(args) -> dict:
     sample_and_score(q, p, triples[:1], EMConfig(k=1, max_tokens=4), 0)  # warm-up
     for llm in (q, p):
         llm.engine.block_manager.reset_prefix_cache()
-        llm.engine.stats.__init__()
+        llm.engine.stats = EngineStats()
     memory = PeakMemory(q.engine.device)
     with timed() as t:
         candidates = [c for cs in sample_and_score(q, p, triples, config, 1) for c in cs]
@@ -126,16 +124,7 @@ def run_estep_bench(model: str = "smollm2-135m-instruct", num_pairs: int = 16, k
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--side", choices=["engine", "transformers"], required=True)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--num-pairs", type=int, default=16)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    args = parser.parse_args()
-    print(json.dumps(_engine_side(args) if args.side == "engine" else _transformers_side(args)))
+    side_main(__doc__, _engine_side, _transformers_side, num_pairs=16, k=8, max_tokens=256)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,9 @@ context group as one batch of 8, the way a plain implementation would.
 """
 from __future__ import annotations
 
-import argparse
-import json
-
 import torch
 
-from promptcot_engine.benchmarks.common import PeakMemory, machine, run_side, timed
+from promptcot_engine.benchmarks.common import PeakMemory, machine, run_side, side_main, timed
 
 MODULE = "promptcot_engine.benchmarks.score"
 
@@ -91,17 +88,8 @@ def run_score_bench(model: str = "smollm2-135m-instruct", num_pairs: int = 64, p
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--side", choices=["engine", "transformers"], required=True)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--num-pairs", type=int, default=64)
-    parser.add_argument("--pairs-per-context", type=int, default=8)
-    parser.add_argument("--context-len", type=int, default=512)
-    parser.add_argument("--continuation-len", type=int, default=512)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    args = parser.parse_args()
-    print(json.dumps(_engine_side(args) if args.side == "engine" else _transformers_side(args)))
+    side_main(__doc__, _engine_side, _transformers_side, num_pairs=64, pairs_per_context=8,
+              context_len=512, continuation_len=512)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from promptcot_engine.errors import InputError
 from promptcot_engine.jsonl import atomic_write_text, read_jsonl, write_jsonl
 from promptcot_engine.em.sharding import Sharding
@@ -69,19 +67,14 @@ class RunStore:
         ranks, and return every record in item order. Finished chunks are read back, not recomputed."""
         parts = self.path(stage, "parts")
         records: list[dict] = []
-        num_chunks = (len(items) + chunk_size - 1) // chunk_size
-        with tqdm(total=len(items), desc=desc or stage, unit="item", disable=not self.sharding.is_main,
-                  dynamic_ncols=True) as bar:
-            for index in range(num_chunks):
-                part = parts / f"part-{index:05d}.jsonl"
-                chunk = items[index * chunk_size:(index + 1) * chunk_size]
-                if not part.is_file():
-                    per_item = self.sharding.map(work, chunk)
-                    if self.sharding.is_main:
-                        write_jsonl(part, [r for item_records in per_item for r in item_records])
-                    self.sharding.barrier()
-                records.extend(read_jsonl(part))
-                bar.update(len(chunk))
+        for index, chunk in self.sharding.chunks(items, chunk_size, desc or stage):
+            part = parts / f"part-{index:05d}.jsonl"
+            if not part.is_file():
+                per_item = self.sharding.map(work, chunk)
+                if self.sharding.is_main:
+                    write_jsonl(part, [r for item_records in per_item for r in item_records])
+                self.sharding.barrier()
+            records.extend(read_jsonl(part))
         return records
 
     def replace_dir(self, relative: str, write: Callable[[Path], None]) -> Path:

@@ -3,7 +3,7 @@ every world_size-th item of a chunk, and the results are gathered once, back in 
 A single process (no WORLD_SIZE > 1) runs everything itself."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -38,12 +38,18 @@ class Sharding:
         ordered = dict(pair for rank_results in gathered for pair in rank_results)
         return [ordered[i] for i in range(len(items))]
 
+    def chunks(self, items: list, chunk_size: int, desc: str) -> Iterator[tuple[int, list]]:
+        """(index, chunk) in order, with a progress bar (on the main rank) that counts each chunk once the
+        caller is done with it."""
+        with tqdm(total=len(items), desc=desc, unit="item", disable=not self.is_main, dynamic_ncols=True) as bar:
+            for index, start in enumerate(range(0, len(items), chunk_size)):
+                chunk = items[start:start + chunk_size]
+                yield index, chunk
+                bar.update(len(chunk))
+
     def map_chunks(self, work: Callable[[list], list[list[dict]]], items: list, chunk_size: int, desc: str) -> list[dict]:
         """`map` chunk by chunk with a progress bar; work returns a list of records per item, flattened here."""
         records = []
-        with tqdm(total=len(items), desc=desc, unit="item", disable=not self.is_main, dynamic_ncols=True) as bar:
-            for start in range(0, len(items), chunk_size):
-                chunk = items[start:start + chunk_size]
-                records += [r for item_records in self.map(work, chunk) for r in item_records]
-                bar.update(len(chunk))
+        for _, chunk in self.chunks(items, chunk_size, desc):
+            records += [r for item_records in self.map(work, chunk) for r in item_records]
         return records

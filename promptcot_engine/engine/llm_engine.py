@@ -1,9 +1,8 @@
 """LLMEngine: requests in, one scheduled forward per step, finished sequences out."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import time
+from dataclasses import dataclass, field
 
 import torch
 

@@ -1,7 +1,7 @@
 """Counters of what the engine did, for progress bars and benchmarks (e.g. the decode bandwidth roofline)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -13,6 +13,3 @@ class EngineStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     decode_context_tokens: int = 0  # KV entries read by decode steps (sum of the context lengths)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
