@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from promptcot_engine.errors import InputError
+from promptcot_engine.kernels.cpu_linear import cpu_linear
 
 IGNORE_INDEX = -100
 LOGITS_BUDGET_BYTES = 64 * 2**20  # fp32 logits per chunk of the torch path
@@ -162,29 +163,28 @@ def chunked_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            ignore_index: int = IGNORE_INDEX,
                            chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch path of `linear_logprob`: at most chunk_tokens rows of logits at a time (by default as
-    many as fit LOGITS_BUDGET_BYTES in fp32). bf16/fp16 inputs are multiplied in fp32, which takes one
+    many as fit LOGITS_BUDGET_BYTES in fp32), multiplied by `cpu_linear` (oneDNN). bf16/fp16 inputs are multiplied in fp32, which takes one
     fp32 copy of the weight for the call: a bf16 product would round every logit to 8 bits."""
     _check_inputs(hidden, weight, targets, ignore_index)
     T, V = hidden.shape[0], weight.shape[0]
     if chunk_tokens is None:
         chunk_tokens = max(1, LOGITS_BUDGET_BYTES // (4 * V))
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    weight_t = weight.to(dtype).T
+    weight = weight.to(dtype)
     logprobs = torch.empty(T, dtype=torch.float32, device=hidden.device)
     is_argmax = torch.empty(T, dtype=torch.bool, device=hidden.device)
-    # one logits buffer for all chunks, and the log-sum-exp computed in place in it: no second chunk-sized
-    # temporary, and no fresh pages to fault in per chunk
-    buffer = torch.empty(min(chunk_tokens, T), V, dtype=dtype, device=hidden.device)
     for start in range(0, T, chunk_tokens):
         rows = slice(start, start + chunk_tokens)
         chunk_targets = targets[rows]
-        logits = torch.mm(hidden[rows].to(dtype), weight_t, out=buffer[:chunk_targets.shape[0]])
+        # the log-sum-exp is computed in place in the logits: no second chunk-sized temporary
+        logits = cpu_linear(hidden[rows].to(dtype), weight)
         ignored = chunk_targets == ignore_index
         target_logit = logits.gather(1, torch.where(ignored, 0, chunk_targets)[:, None])[:, 0]
         max_logit, argmax = logits.max(1)  # the first maximal id on ties, as torch.argmax
         log_sum_exp = max_logit + logits.sub_(max_logit[:, None]).exp_().sum(1).log()
         logprobs[rows] = torch.where(ignored, 0.0, target_logit - log_sum_exp)
         is_argmax[rows] = (argmax == chunk_targets) | ignored
+        del logits  # before the next chunk's product: one chunk of logits alive at a time
     return logprobs, is_argmax
 
 

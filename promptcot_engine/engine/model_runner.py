@@ -14,6 +14,7 @@ from promptcot_engine.config import EngineConfig
 from promptcot_engine.engine.scheduler import ScheduledBatch
 from promptcot_engine.engine.sequence import Sequence
 from promptcot_engine.errors import InputError
+from promptcot_engine.kernels.cpu_linear import use_onednn_linear
 from promptcot_engine.kernels.fused_logprob import linear_logprob
 from promptcot_engine.models.decoder import DecoderForCausalLM
 
@@ -49,6 +50,8 @@ class ModelRunner:
         self.backend = resolve_attention_backend(config.attention_backend, device)
         self.block_size = config.block_size or (256 if self.backend == "flash" else 16)
         self.scale = mc.head_dim ** -0.5
+        if device.type == "cpu":
+            use_onednn_linear(model)  # the engine's model only runs inference: its products go to oneDNN
         self.kv_caches = self._allocate_kv_cache()
         self.cuda_graphs = None
         if device.type == "cuda" and not config.enforce_eager:

@@ -1,0 +1,80 @@
+"""oneDNN products against float64 F.linear: plain and prepacked weights, staleness after an in-place
+write, the module swap keeping the model's parameters and results."""
+import pytest
+import torch
+from torch import nn
+
+from promptcot_engine.kernels.cpu_linear import OneDNNLinear, cpu_linear, onednn_applies, prepack_weight, use_onednn_linear
+from promptcot_engine.models.decoder import DecoderForCausalLM
+from promptcot_engine.models.model_config import ModelConfig
+
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def inputs(shape_x, out_features, dtype, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape_x, generator=g).to(dtype)
+    w = (torch.randn(out_features, shape_x[-1], generator=g) / shape_x[-1] ** 0.5).to(dtype)
+    b = torch.randn(out_features, generator=g).to(dtype) if bias else None
+    return x, w, b
+
+
+def reference(x, w, b):
+    return torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("shape_x,out_features,bias", [((128, 96), 200, True), ((1, 64), 49, False),
+                                                       ((2, 7, 33), 130, True)])
+def test_matches_float64(dtype, packed, shape_x, out_features, bias):
+    x, w, b = inputs(shape_x, out_features, dtype, seed=1, bias=bias)
+    assert onednn_applies(x, w)
+    if packed:
+        prepack_weight(w)
+    got = cpu_linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (*shape_x[:-1], out_features)
+    torch.testing.assert_close(got.double(), reference(x, w, b), **TOL[dtype])
+
+
+def test_non_contiguous_input():
+    x, w, b = inputs((96, 40), 64, torch.float32, seed=2)
+    x = x.T.contiguous().T  # same values, column-major
+    prepack_weight(w)
+    torch.testing.assert_close(cpu_linear(x, w, b).double(), reference(x, w, b), **TOL[torch.float32])
+
+
+def test_in_place_write_repacks():
+    x, w, _ = inputs((16, 32), 24, torch.float32, seed=3)
+    prepack_weight(w)
+    cpu_linear(x, w)
+    with torch.no_grad():
+        w.mul_(-2.0)  # what load_weights does: copy_ into the parameter
+    torch.testing.assert_close(cpu_linear(x, w).double(), reference(x, w, None), **TOL[torch.float32])
+
+
+def test_gradients_stay_on_f_linear():
+    x, w, b = inputs((8, 16), 12, torch.float32, seed=4)
+    w.requires_grad_(True)
+    assert not onednn_applies(x, w)
+    cpu_linear(x, w, b).sum().backward()
+    torch.testing.assert_close(w.grad, x.sum(0)[None, :].expand(12, 16))
+
+
+def test_swap_keeps_parameters_state_dict_and_outputs():
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=97, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = DecoderForCausalLM(config).eval()
+    params_before = dict(model.named_parameters())
+    hidden = torch.randn(5, 32)
+    want = model.compute_logits(hidden)
+    assert use_onednn_linear(model) == 2 * 7 + 1
+    assert all(type(m) is not nn.Linear for m in model.modules())
+    assert isinstance(model.lm_head, OneDNNLinear)
+    after = dict(model.named_parameters())
+    assert after.keys() == params_before.keys() and all(after[k] is params_before[k] for k in after)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    with torch.inference_mode():
+        torch.testing.assert_close(model.compute_logits(hidden), want.detach(), rtol=1e-5, atol=1e-5)
