@@ -13,17 +13,24 @@ import torch
 _flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
+def key_length_mask(key_lens: torch.Tensor, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask [B, 1, 1, num_keys] (0 or -inf) that lets row b see its first key_lens[b] keys."""
+    hidden = torch.arange(num_keys, device=key_lens.device)[None, :] >= key_lens[:, None]
+    return torch.zeros(key_lens.shape[0], 1, 1, num_keys, dtype=dtype, device=key_lens.device).masked_fill(
+        hidden[:, None, None, :], float("-inf"))
+
+
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
-                       key_lens: torch.Tensor | None = None, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       key_lens: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                       causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, H, Lq, d], k and v [B, H, Lk, d] (any strides) -> out [B, H, Lq, d] in q's dtype and lse [B, H, Lq]
     in fp32 (fp64 for fp64). key_lens [B]: row b sees only its first key_lens[b] keys (the rest must be
     finite: zero them); a row that sees no key gets out 0 and lse -inf, so merging it changes nothing.
+    key_mask: `key_length_mask(key_lens, Lk, ...)`, for a caller that reuses it across layers.
     causal: query i sees keys up to i (top-left aligned, as SDPA's is_causal)."""
-    B, Lk = k.shape[0], k.shape[2]
     mask = None
     if key_lens is not None:
-        hidden = torch.arange(Lk, device=q.device)[None, :] >= key_lens[:, None]
-        mask = torch.zeros(B, 1, 1, Lk, dtype=q.dtype, device=q.device).masked_fill(hidden[:, None, None, :], float("-inf"))
+        mask = key_length_mask(key_lens, k.shape[2], q.dtype) if key_mask is None else key_mask.to(q.dtype)
     if q.device.type == "cpu" and q.dtype != torch.float64:  # the fused kernel computes fp64 in fp32
         out, lse = _flash_attention_cpu(q, k, v, is_causal=causal, attn_mask=mask, scale=scale)
     else:

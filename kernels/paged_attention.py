@@ -14,6 +14,7 @@ transformers' repeat_kv does.
 A sequence with context_len 0 (a padding row of a captured CUDA graph) gets a zero output, not NaN.
 """
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -104,29 +105,45 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     return out
 
 
+@dataclass
+class PagedGather:
+    """How to gather a batch's paged KV into SDPA's layout: built once per step from the block tables and
+    reused by every layer."""
+    blocks: torch.Tensor  # [B * width] block ids to read (padding entries of the tables replaced by block 0)
+    past_context: torch.Tensor  # flat token positions past each context, zeroed after the gather
+    in_context: torch.Tensor  # [B, width * block_size] bool
+    batch: int
+    width: int
+
+    @classmethod
+    def plan(cls, block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> "PagedGather":
+        B, width = block_tables.shape
+        device = block_tables.device
+        used_blocks = (context_lens.long() + block_size - 1) // block_size
+        # padding entries of the block tables may hold any value: never use them as indices
+        blocks = torch.where(torch.arange(width, device=device)[None, :] < used_blocks[:, None], block_tables.long(), 0)
+        in_context = torch.arange(width * block_size, device=device)[None, :] < context_lens[:, None]
+        return cls(blocks.flatten(), (~in_context).flatten().nonzero().squeeze(1), in_context, B, width)
+
+    def gather(self, cache: torch.Tensor) -> torch.Tensor:
+        """cache [num_blocks, block_size, num_kv_heads, head_dim] -> [B, num_kv_heads, width * block_size,
+        head_dim] (a strided view of one copy), zero past each context.
+
+        Whole blocks are gathered with one index_select (contiguous runs of block_size * heads * head_dim
+        values), and the positions past the context are then zeroed in place (a write of the tails only):
+        stale or never-written memory may be NaN, which a zero attention weight would not cancel (0 * NaN = NaN)."""
+        _, block_size, num_kv_heads, head_dim = cache.shape
+        runs = cache.index_select(0, self.blocks)
+        runs.view(self.batch * self.width * block_size, -1).index_fill_(0, self.past_context, 0)
+        return runs.view(self.batch, self.width * block_size, num_kv_heads, head_dim).transpose(1, 2)
+
+
 def gather_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys, values) [B, num_kv_heads, max_blocks * block_size, head_dim] (SDPA's layout, possibly as a
-    strided view), zero past each context; and in_context [B, max_blocks * block_size].
-
-    Whole blocks are gathered with one index_select (contiguous runs of block_size * heads * head_dim
-    values), and the positions past the context are then zeroed in place (a write of the tails only): stale or
-    never-written memory may be NaN, which a zero attention weight would not cancel (0 * NaN = NaN)."""
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    B, width = block_tables.shape
-    device = block_tables.device
-    used_blocks = (context_lens.long() + block_size - 1) // block_size
-    # padding entries of the block tables may hold any value: never use them as indices
-    blocks = torch.where(torch.arange(width, device=device)[None, :] < used_blocks[:, None], block_tables.long(), 0)
-    in_context = torch.arange(width * block_size, device=device)[None, :] < context_lens[:, None]
-    past_context = (~in_context).flatten().nonzero().squeeze(1)
-
-    def gather(cache: torch.Tensor) -> torch.Tensor:
-        runs = cache.index_select(0, blocks.flatten())
-        runs.view(B * width * block_size, -1).index_fill_(0, past_context, 0)
-        return runs.view(B, width * block_size, num_kv_heads, head_dim).transpose(1, 2)
-
-    return gather(k_cache), gather(v_cache), in_context
+    strided view), zero past each context; and in_context [B, max_blocks * block_size]. See PagedGather."""
+    plan = PagedGather.plan(block_tables, context_lens, k_cache.shape[1])
+    return plan.gather(k_cache), plan.gather(v_cache), plan.in_context
 
 
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -14,8 +14,21 @@ from dataclasses import dataclass
 
 import torch
 
-from promptcot_engine.kernels.attention_states import attention_with_lse, merge_attn_states
-from promptcot_engine.kernels.paged_attention import gather_paged_kv
+from promptcot_engine.kernels.attention_states import attention_with_lse, key_length_mask, merge_attn_states
+from promptcot_engine.kernels.paged_attention import PagedGather
+
+
+@dataclass
+class AttentionPart:
+    """One part of the context for a set of query rows, with everything the layers reuse at this step."""
+    gather: PagedGather
+    key_lens: torch.Tensor  # [N] tokens of the part each row sees
+    key_mask: torch.Tensor  # key_length_mask(key_lens)
+
+    @classmethod
+    def build(cls, blocks: torch.Tensor, key_lens: torch.Tensor, block_size: int, dtype: torch.dtype) -> "AttentionPart":
+        return cls(PagedGather.plan(blocks, key_lens, block_size), key_lens,
+                   key_length_mask(key_lens, blocks.shape[1] * block_size, dtype))
 
 
 @dataclass
@@ -23,18 +36,18 @@ class SharedPrefixPlan:
     group_of_seq: torch.Tensor  # [B] int64
     slot_in_group: torch.Tensor  # [B] int64
     max_members: int
-    prefix_blocks: torch.Tensor  # [G, P] block ids of each group's common prefix (padded with 0)
-    prefix_num_blocks: torch.Tensor  # [G]
-    suffix_blocks: torch.Tensor  # [B, S] each sequence's blocks after its group's prefix (padded with 0)
-    suffix_lens: torch.Tensor  # [B] tokens in those blocks
+    prefix_num_blocks: torch.Tensor  # [G] full blocks each group's members share
+    prefix: AttentionPart  # per group: its common prefix blocks
+    suffix: AttentionPart  # per sequence: its blocks after its group's prefix
 
 
 def plan_shared_prefix(block_tables: list[list[int]], context_lens: list[int], block_size: int,
-                       device: torch.device) -> SharedPrefixPlan | None:
+                       device: torch.device, dtype: torch.dtype = torch.float32) -> SharedPrefixPlan | None:
     """Group sequences by the deepest block they share with another sequence of the batch (samples of one
     prompt share all its full blocks; unrelated prompts may share only a common preamble's first blocks,
     which must not pull them into one group), and take each group's longest common run of full blocks.
-    None when no two sequences share a block: the plain paged path is then just as good."""
+    None when no two sequences share a block: the plain paged path is then just as good. dtype: the KV
+    cache's, for the key masks."""
     uses = Counter(block for table in block_tables for block in set(table))
     if all(n == 1 for n in uses.values()):
         return None
@@ -64,19 +77,20 @@ def plan_shared_prefix(block_tables: list[list[int]], context_lens: list[int], b
         width = max(1, max(len(r) for r in rows))
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
 
+    prefix_num_blocks = torch.tensor([len(p) for p in prefixes], device=device)
     return SharedPrefixPlan(
         group_of_seq=torch.tensor(group_of_seq, device=device), slot_in_group=torch.tensor(slot_in_group, device=device),
-        max_members=max(len(m) for m in groups.values()), prefix_blocks=padded(prefixes),
-        prefix_num_blocks=torch.tensor([len(p) for p in prefixes], device=device), suffix_blocks=padded(suffixes),
-        suffix_lens=torch.tensor(suffix_lens, device=device))
+        max_members=max(len(m) for m in groups.values()), prefix_num_blocks=prefix_num_blocks,
+        prefix=AttentionPart.build(padded(prefixes), prefix_num_blocks * block_size, block_size, dtype),
+        suffix=AttentionPart.build(padded(suffixes), torch.tensor(suffix_lens, device=device), block_size, dtype))
 
 
-def _partial_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                       lengths: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [N, nkv, R, d] against the first lengths[n] tokens of blocks[n] -> output [N, nkv, R, d] and
-    log-sum-exp [N, nkv, R] (-inf where a row sees nothing)."""
-    keys, values, _ = gather_paged_kv(k_cache, v_cache, blocks, lengths)  # zero past each length: stale slots may be NaN
-    return attention_with_lse(q, keys.to(q.dtype), values.to(q.dtype), scale, key_lens=lengths)
+def _partial_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, part: AttentionPart,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, nkv, R, d] against the part's tokens -> output [N, nkv, R, d] and log-sum-exp [N, nkv, R]
+    (-inf where a row sees nothing). The gather zeroes past each length: stale slots may be NaN."""
+    keys, values = part.gather.gather(k_cache), part.gather.gather(v_cache)
+    return attention_with_lse(q, keys, values, scale, key_lens=part.key_lens, key_mask=part.key_mask)
 
 
 def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -88,18 +102,16 @@ def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     grouped = q.view(B, nkv, group_size, head_dim).to(k_cache.dtype)
 
     # the common prefix: each group's members stacked as extra query rows of the same kv head
-    G, M = plan.prefix_blocks.shape[0], plan.max_members
+    G, M = plan.prefix_num_blocks.shape[0], plan.max_members
     group_q = grouped.new_zeros(G, M, nkv, group_size, head_dim)
     group_q[plan.group_of_seq, plan.slot_in_group] = grouped
     group_q = group_q.permute(0, 2, 1, 3, 4).reshape(G, nkv, M * group_size, head_dim)
-    block_size = k_cache.shape[1]
-    prefix_out, prefix_lse = _partial_attention(group_q, k_cache, v_cache, plan.prefix_blocks,
-                                                plan.prefix_num_blocks * block_size, scale)
+    prefix_out, prefix_lse = _partial_attention(group_q, k_cache, v_cache, plan.prefix, scale)
 
     def per_seq(t: torch.Tensor) -> torch.Tensor:  # [G, nkv, M * g, ...] -> [B, nkv, g, ...]
         t = t.view(G, nkv, M, group_size, *t.shape[3:]).transpose(1, 2)
         return t[plan.group_of_seq, plan.slot_in_group]
 
-    own_out, own_lse = _partial_attention(grouped, k_cache, v_cache, plan.suffix_blocks, plan.suffix_lens, scale)
+    own_out, own_lse = _partial_attention(grouped, k_cache, v_cache, plan.suffix, scale)
     out = merge_attn_states(per_seq(prefix_out), per_seq(prefix_lse), own_out, own_lse)
     return out.reshape(B, num_heads, head_dim).to(q.dtype)

@@ -141,7 +141,8 @@ class ModelRunner:
             has_cached_context=any(c != q for c, q in zip(context_lens, q_lens)),
         )
         if not batch.is_prefill and self.backend == "torch":
-            metadata.shared_prefix = plan_shared_prefix([s.block_table for s in batch.seqs], context_lens, bs, dev)
+            metadata.shared_prefix = plan_shared_prefix([s.block_table for s in batch.seqs], context_lens, bs, dev,
+                                                         self.dtype)
         return (torch.tensor(input_ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
                 metadata)
 

@@ -74,11 +74,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
            default_generator: torch.Generator, want_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V] -> (token ids [B], log-prob of each under the unmodified model distribution, or None)."""
     logits = logits.float()
-    greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-    tokens = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
-        rows = (~greedy).nonzero().flatten().tolist()
-        probs = processed_logits(logits[rows], [params[i] for i in rows]).softmax(dim=-1)
+    greedy = [p.greedy for p in params]
+    if all(greedy):
+        tokens = logits.argmax(dim=-1)
+    else:
+        tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+        greedy_rows = [i for i, g in enumerate(greedy) if g]
+        if greedy_rows:  # an argmax over the whole batch's vocabulary costs as much as a sampling pass
+            tokens[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
+        rows = [i for i, g in enumerate(greedy) if not g]
+        sampled = logits if not greedy_rows else logits[rows]
+        probs = processed_logits(sampled, [params[i] for i in rows]).softmax(dim=-1)
         uniform = torch.empty(len(rows), 1, dtype=torch.float64, device=logits.device)
         unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
         if unseeded:
