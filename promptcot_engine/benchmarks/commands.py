@@ -16,21 +16,35 @@ def _emit(name: str, result: dict, output: Path | None) -> None:
             f.write(json.dumps({"bench": name, **result}, default=str) + "\n")
 
 
+def _options(compare: str | None = "hf", device: str = "auto", model_help: str | None = None, dtype: bool = True):
+    """The options every benchmark shares: the model, the reference to compare with, device, dtype, output."""
+    options = [click.option("--model", default="smollm2-135m-instruct", show_default=True, help=model_help)]
+    if compare is not None:
+        options.append(click.option("--compare", type=click.Choice(["hf", "none"]), default=compare, show_default=True))
+    options.append(click.option("--device", default=device, show_default=True))
+    if dtype:
+        options.append(click.option("--dtype", default="auto", show_default=True))
+    options.append(click.option("--output", type=click.Path(path_type=Path),
+                                help="Append the result as a JSON line here."))
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
 @click.group()
 def bench():
     """Benchmarks: the same work through a reference and through the engine, with the ratio."""
 
 
 @bench.command("generate")
-@click.option("--model", default="smollm2-135m-instruct", show_default=True)
+@_options()
 @click.option("--num-prompts", default=16, show_default=True)
 @click.option("--n", default=8, show_default=True)
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--temperature", default=1.0, show_default=True)
-@click.option("--compare", type=click.Choice(["hf", "none"]), default="hf", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--output", type=click.Path(path_type=Path), help="Append the result as a JSON line here.")
 def bench_generate(model, num_prompts, n, max_tokens, temperature, compare, device, dtype, output):
     """Sampling throughput: engine vs transformers' generate."""
     from promptcot_engine.benchmarks.generate import run_generate_bench
@@ -40,14 +54,12 @@ def bench_generate(model, num_prompts, n, max_tokens, temperature, compare, devi
 
 
 @bench.command("train")
-@click.option("--model", default="smollm2-135m-instruct", show_default=True)
+@_options(compare=None, device="cpu", dtype=False)
 @click.option("--batch", default=8, show_default=True)
 @click.option("--seq-len", default=512, show_default=True)
 @click.option("--steps", default=3, show_default=True)
 @click.option("--activation-checkpointing", type=click.Choice(["none", "selective", "full"]), default="selective",
               show_default=True)
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--output", type=click.Path(path_type=Path), help="Append the result as a JSON line here.")
 def bench_train(model, batch, seq_len, steps, activation_checkpointing, device, output):
     """Training step: transformers (full-logits cross-entropy) vs the Trainer, tokens/s and peak memory."""
     from promptcot_engine.benchmarks.train import run_train_bench
@@ -57,15 +69,11 @@ def bench_train(model, batch, seq_len, steps, activation_checkpointing, device, 
 
 
 @bench.command("score")
-@click.option("--model", default="smollm2-135m-instruct", show_default=True)
+@_options()
 @click.option("--num-pairs", default=64, show_default=True)
 @click.option("--pairs-per-context", default=8, show_default=True)
 @click.option("--context-len", default=512, show_default=True)
 @click.option("--continuation-len", default=512, show_default=True)
-@click.option("--compare", type=click.Choice(["hf", "none"]), default="hf", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--output", type=click.Path(path_type=Path), help="Append the result as a JSON line here.")
 def bench_score(model, num_pairs, pairs_per_context, context_len, continuation_len, compare, device, dtype, output):
     """Teacher-forced scoring: engine vs transformers forward + log_softmax, throughput and peak memory."""
     from promptcot_engine.benchmarks.score import run_score_bench
@@ -77,14 +85,10 @@ def bench_score(model, num_pairs, pairs_per_context, context_len, continuation_l
 
 
 @bench.command("estep")
-@click.option("--model", default="smollm2-135m-instruct", show_default=True, help="Used as both q and p.")
+@_options(compare="none", model_help="Used as both q and p.")
 @click.option("--num-pairs", default=16, show_default=True, help="Seed pairs (c, x), from CHAMP.")
 @click.option("--k", default=8, show_default=True, help="Rationales per pair.")
 @click.option("--max-tokens", default=256, show_default=True, help="Rationale length cap.")
-@click.option("--compare", type=click.Choice(["hf", "none"]), default="none", show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--dtype", default="auto", show_default=True)
-@click.option("--output", type=click.Path(path_type=Path), help="Append the result as a JSON line here.")
 def bench_estep(model, num_pairs, k, max_tokens, compare, device, dtype, output):
     """One E-step (sample K rationales per pair from q, score them under p): pairs/s, tokens/s, memory."""
     from promptcot_engine.benchmarks.estep import run_estep_bench

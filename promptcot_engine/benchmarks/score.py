@@ -29,12 +29,14 @@ def bench_pairs(vocab_size: int, num_pairs: int, pairs_per_context: int, context
 
 def _engine_side(args) -> dict:
     from promptcot_engine.engine.llm import LLM
+    from promptcot_engine.engine.stats import EngineStats
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
     contexts, continuations = bench_pairs(llm.engine.model.config.vocab_size, args.num_pairs, args.pairs_per_context,
                                           args.context_len, args.continuation_len)
     llm.score(contexts[:1], [continuations[0][:8]], use_tqdm=False)  # warm-up
     llm.engine.block_manager.reset_prefix_cache()
+    llm.engine.stats = EngineStats()  # count the measured work only
     memory = PeakMemory(llm.engine.device)
     with timed() as t:
         results = llm.score(contexts, continuations, use_tqdm=False)
