@@ -38,8 +38,8 @@ def sample_and_score(q: LLM, p: LLM, triples: list[dict], config: EMConfig, iter
 
     candidates, contexts, continuations, scored = [], [], [], []
     for t, out in zip(triples, outputs):
-        context = prompt_model_prompt(t["concepts"], t["level"], t["domain"])
-        context_len = len(p.tokenizer.encode(context))
+        # tokenized here once, as LLM.score would (special tokens on the context only), to check the length
+        context = p.tokenizer.encode(prompt_model_prompt(t["concepts"], t["level"], t["domain"]), add_special_tokens=True)
         for c in out.outputs:
             z = c.text.strip()
             record = {"id": t["id"], "iteration": iteration, "k": c.index, "rationale": z,
@@ -49,8 +49,8 @@ def sample_and_score(q: LLM, p: LLM, triples: list[dict], config: EMConfig, iter
             if not z:
                 record["invalid_reason"] = "empty"
                 continue
-            segments = prompt_model_segments(z, t["problem"])
-            length = context_len + sum(len(p.tokenizer.encode(s, add_special_tokens=False)) for s in segments)
+            segments = [p.tokenizer.encode(s, add_special_tokens=False) for s in prompt_model_segments(z, t["problem"])]
+            length = len(context) + sum(len(s) for s in segments)
             if length >= p.engine.max_model_len:
                 record["invalid_reason"] = "longer than the prompt model's context"
                 continue
