@@ -23,11 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+# private ops of torch's oneDNN integration (torch is pinned): without them every product stays on F.linear
+ONEDNN_AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
-            and x.dtype in ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
+    return (ONEDNN_AVAILABLE and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
+            and x.dtype in ONEDNN_DTYPES
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
@@ -74,6 +77,6 @@ def use_onednn_linear(model: nn.Module) -> int:
                 setattr(parent, name, OneDNNLinear(child))
                 swapped += 1
     for module in model.modules():
-        if isinstance(module, OneDNNLinear) and module.weight.dtype in ONEDNN_DTYPES:
+        if ONEDNN_AVAILABLE and isinstance(module, OneDNNLinear) and module.weight.dtype in ONEDNN_DTYPES:
             prepack_weight(module.weight)
     return swapped

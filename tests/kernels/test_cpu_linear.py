@@ -78,3 +78,16 @@ def test_swap_keeps_parameters_state_dict_and_outputs():
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
     with torch.inference_mode():
         torch.testing.assert_close(model.compute_logits(hidden), want.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_without_onednn_everything_stays_on_f_linear(monkeypatch):
+    from promptcot_engine.kernels import cpu_linear as module
+
+    monkeypatch.setattr(module, "ONEDNN_AVAILABLE", False)
+    x, w, b = inputs((4, 16), 8, torch.float32, seed=5)
+    assert not onednn_applies(x, w)
+    layer = nn.Linear(16, 8)
+    holder = nn.Sequential(layer)
+    use_onednn_linear(holder)
+    assert not hasattr(layer.weight, "onednn_packed")
+    torch.testing.assert_close(cpu_linear(x, w, b).double(), reference(x, w, b), **TOL[torch.float32])
