@@ -163,8 +163,9 @@ def chunked_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: 
                            ignore_index: int = IGNORE_INDEX,
                            chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch path of `linear_logprob`: at most chunk_tokens rows of logits at a time (by default as
-    many as fit LOGITS_BUDGET_BYTES in fp32), multiplied by `cpu_linear` (oneDNN). bf16/fp16 inputs are multiplied in fp32, which takes one
-    fp32 copy of the weight for the call: a bf16 product would round every logit to 8 bits."""
+    many as fit LOGITS_BUDGET_BYTES in fp32), multiplied by `cpu_linear` (oneDNN on CPU). bf16/fp16 inputs
+    are multiplied in fp32, which takes one fp32 copy of the weight for the call: a bf16 product would
+    round every logit to 8 bits."""
     _check_inputs(hidden, weight, targets, ignore_index)
     T, V = hidden.shape[0], weight.shape[0]
     if chunk_tokens is None:

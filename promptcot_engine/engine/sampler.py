@@ -80,7 +80,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     else:
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
         greedy_rows = [i for i, g in enumerate(greedy) if g]
-        if greedy_rows:  # an argmax over the whole batch's vocabulary costs as much as a sampling pass
+        if greedy_rows:  # argmax only where wanted: over the whole batch it costs as much as the sampling
             tokens[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
         rows = [i for i, g in enumerate(greedy) if not g]
         sampled = logits if not greedy_rows else logits[rows]
