@@ -147,10 +147,14 @@ def gather_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: 
 
 
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                                 block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                                 gather: PagedGather | None = None) -> torch.Tensor:
+    """gather: PagedGather.plan(block_tables, context_lens, block_size), when the caller reuses it across layers."""
     B, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    k, v, in_context = gather_paged_kv(k_cache, v_cache, block_tables, context_lens)
+    if gather is None:
+        gather = PagedGather.plan(block_tables, context_lens, k_cache.shape[1])
+    k, v, in_context = gather.gather(k_cache), gather.gather(v_cache), gather.in_context
     # the query heads sharing a kv head act as that head's query rows: one SDPA call, no repeat_kv copy
     grouped_q = q.reshape(B, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(grouped_q, k, v, attn_mask=in_context[:, None, None, :], scale=scale)

@@ -19,6 +19,7 @@ from promptcot_engine.attention.shared_prefix import SharedPrefixPlan, shared_pr
 from promptcot_engine.attention.varlen import VarlenCausalAttention
 from promptcot_engine.kernels.kv_cache_store import store_kvcache
 from promptcot_engine.kernels.paged_attention import (
+    PagedGather,
     paged_decode_attention,
     paged_decode_attention_torch,
     paged_prefill_attention_torch,
@@ -36,6 +37,7 @@ class AttentionMetadata:
     max_context_len: int
     has_cached_context: bool  # some sequence attends to tokens computed in an earlier step
     shared_prefix: SharedPrefixPlan | None = None  # decode on the torch backend, when sequences share blocks
+    paged_gather: PagedGather | None = None  # decode on the torch backend otherwise: built once for all layers
 
 
 class PagedAttention:
@@ -75,4 +77,5 @@ class PagedAttention:
             return paged_decode_attention(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale)
         if md.shared_prefix is not None:
             return shared_prefix_decode_attention(q, k_cache, v_cache, md.shared_prefix, self.scale)
-        return paged_decode_attention_torch(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale)
+        return paged_decode_attention_torch(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale,
+                                            md.paged_gather)

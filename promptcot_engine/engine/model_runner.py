@@ -16,6 +16,7 @@ from promptcot_engine.engine.sequence import Sequence
 from promptcot_engine.errors import InputError
 from promptcot_engine.kernels.cpu_linear import use_onednn_linear
 from promptcot_engine.kernels.fused_logprob import linear_logprob
+from promptcot_engine.kernels.paged_attention import PagedGather
 from promptcot_engine.models.decoder import DecoderForCausalLM
 
 GiB = 1 << 30
@@ -143,6 +144,8 @@ class ModelRunner:
         if not batch.is_prefill and self.backend == "torch":
             metadata.shared_prefix = plan_shared_prefix([s.block_table for s in batch.seqs], context_lens, bs, dev,
                                                          self.dtype)
+            if metadata.shared_prefix is None:
+                metadata.paged_gather = PagedGather.plan(metadata.block_tables, metadata.context_lens, bs)
         return (torch.tensor(input_ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
                 metadata)
 

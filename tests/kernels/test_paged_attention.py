@@ -9,6 +9,7 @@ import torch
 
 from promptcot_engine.kernels.kv_cache_store import store_kvcache_torch
 from promptcot_engine.kernels.paged_attention import (
+    PagedGather,
     paged_decode_attention,
     paged_decode_attention_torch,
     paged_decode_attention_triton,
@@ -117,6 +118,18 @@ def test_decode_torch_path_is_exact_in_float64():
     want = naive_decode(q, k_cache, v_cache, block_tables, ctx, 0.3)
     torch.testing.assert_close(paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.3), want,
                                rtol=1e-12, atol=1e-12)
+
+
+def test_decode_torch_path_with_a_gather_plan_reused_across_layers():
+    """The engine builds the gather plan once per step and every layer reads its own cache with it."""
+    k_cache, v_cache, block_tables, ctx = make_paged_cache([9, 1, 30], 8, 2, 16, torch.float64, seed=7)
+    plan = PagedGather.plan(block_tables, ctx, 8)
+    q = make_queries(3, 6, 2, 16, torch.float64, seed=9)
+    # two "layers": the same tables over their own caches (unowned slots stay NaN in both)
+    for layer_k, layer_v in ((k_cache, v_cache), (k_cache * -0.5, v_cache + 1.0)):
+        want = naive_decode(q, layer_k, layer_v, block_tables, ctx, 0.3)
+        got = paged_decode_attention_torch(q, layer_k, layer_v, block_tables, ctx, 0.3, plan)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_empty_context_gives_zeros_without_disturbing_other_rows():
