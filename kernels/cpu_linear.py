@@ -75,8 +75,7 @@ def use_onednn_linear(model: nn.Module) -> int:
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
                 setattr(parent, name, OneDNNLinear(child))
+                if ONEDNN_AVAILABLE and child.weight.dtype in ONEDNN_DTYPES:
+                    prepack_weight(child.weight)
                 swapped += 1
-    for module in model.modules():
-        if ONEDNN_AVAILABLE and isinstance(module, OneDNNLinear) and module.weight.dtype in ONEDNN_DTYPES:
-            prepack_weight(module.weight)
     return swapped
