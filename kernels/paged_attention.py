@@ -138,14 +138,6 @@ class PagedGather:
         return runs.view(self.batch, self.width * block_size, num_kv_heads, head_dim).transpose(1, 2)
 
 
-def gather_paged_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys, values) [B, num_kv_heads, max_blocks * block_size, head_dim] (SDPA's layout, possibly as a
-    strided view), zero past each context; and in_context [B, max_blocks * block_size]. See PagedGather."""
-    plan = PagedGather.plan(block_tables, context_lens, k_cache.shape[1])
-    return plan.gather(k_cache), plan.gather(v_cache), plan.in_context
-
-
 def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                                  gather: PagedGather | None = None) -> torch.Tensor:
@@ -193,7 +185,8 @@ def paged_prefill_attention_torch(q: torch.Tensor, cu_seqlens_q: torch.Tensor, k
 
     padded_q = q.new_zeros(B, max_q, num_heads, head_dim)
     padded_q[seq_of_token, index_in_seq] = q
-    k, v, in_context = gather_paged_kv(k_cache, v_cache, block_tables, context_lens)
+    gather = PagedGather.plan(block_tables, context_lens, k_cache.shape[1])
+    k, v, in_context = gather.gather(k_cache), gather.gather(v_cache), gather.in_context
     # padding query rows get positions >= context_len, so they still see the whole context: no empty
     # softmax row (NaN) appears even though their outputs are dropped
     q_positions = (context_lens.long() - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]

@@ -43,7 +43,7 @@ def test_equals_paged_decode(dtype, tol, num_heads, num_kv_heads, head_dim):
     assert plan is not None and plan.max_members == 4
     # 37 // 8 and 16 // 8 shared blocks (the shared preamble block does not merge the two requests); the
     # 5-token prompt has no full block, so its samples stand alone
-    assert plan.prefix_num_blocks.tolist() == [4, 2, 0, 0, 0]
+    assert (plan.prefix.key_lens // block_size).tolist() == [4, 2, 0, 0, 0]
     got = shared_prefix_decode_attention(q, k_cache, v_cache, plan, head_dim ** -0.5)
     expected = paged_decode_attention_torch(q.double(), k_cache.double(), v_cache.double(), block_tables, context_lens,
                                             head_dim ** -0.5)

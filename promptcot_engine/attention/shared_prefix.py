@@ -36,8 +36,7 @@ class SharedPrefixPlan:
     group_of_seq: torch.Tensor  # [B] int64
     slot_in_group: torch.Tensor  # [B] int64
     max_members: int
-    prefix_num_blocks: torch.Tensor  # [G] full blocks each group's members share
-    prefix: AttentionPart  # per group: its common prefix blocks
+    prefix: AttentionPart  # per group: the full blocks its members share
     suffix: AttentionPart  # per sequence: its blocks after its group's prefix
 
 
@@ -77,11 +76,11 @@ def plan_shared_prefix(block_tables: list[list[int]], context_lens: list[int], b
         width = max(1, max(len(r) for r in rows))
         return torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int64, device=device)
 
-    prefix_num_blocks = torch.tensor([len(p) for p in prefixes], device=device)
+    prefix_lens = torch.tensor([len(p) * block_size for p in prefixes], device=device)
     return SharedPrefixPlan(
         group_of_seq=torch.tensor(group_of_seq, device=device), slot_in_group=torch.tensor(slot_in_group, device=device),
-        max_members=max(len(m) for m in groups.values()), prefix_num_blocks=prefix_num_blocks,
-        prefix=AttentionPart.build(padded(prefixes), prefix_num_blocks * block_size, block_size, dtype),
+        max_members=max(len(m) for m in groups.values()),
+        prefix=AttentionPart.build(padded(prefixes), prefix_lens, block_size, dtype),
         suffix=AttentionPart.build(padded(suffixes), torch.tensor(suffix_lens, device=device), block_size, dtype))
 
 
@@ -102,7 +101,7 @@ def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     grouped = q.view(B, nkv, group_size, head_dim).to(k_cache.dtype)
 
     # the common prefix: each group's members stacked as extra query rows of the same kv head
-    G, M = plan.prefix_num_blocks.shape[0], plan.max_members
+    G, M = plan.prefix.key_lens.shape[0], plan.max_members
     group_q = grouped.new_zeros(G, M, nkv, group_size, head_dim)
     group_q[plan.group_of_seq, plan.slot_in_group] = grouped
     group_q = group_q.permute(0, 2, 1, 3, 4).reshape(G, nkv, M * group_size, head_dim)
