@@ -9,7 +9,7 @@ transformers' repeat_kv does.
 - decode (one new token per sequence): `paged_decode_attention` runs the Triton kernel on CUDA and
   `paged_decode_attention_torch`, its batched reference, elsewhere;
 - prefill of new tokens after a cached prefix (prefix-cache hits, chunked prefill, recompute after
-  preemption): `paged_prefill_attention_torch`, the CPU path (flash-attn's varlen kernel does it on GPU).
+  preemption): `paged_prefill_attention_torch` (flash-attn's varlen kernel does it on GPU when installed).
 
 A sequence with context_len 0 (a padding row of a captured CUDA graph) gets a zero output, not NaN.
 """
@@ -167,32 +167,48 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
+@dataclass
+class PagedPrefill:
+    """Everything paged prefill attention needs besides q and the caches, built once per step from the batch's
+    layout and reused by every layer: the padded place of each new token, the gather plan and the causal mask."""
+    seq_of_token: torch.Tensor  # [T]
+    index_in_seq: torch.Tensor  # [T]
+    max_q: int
+    gather: PagedGather
+    visible: torch.Tensor  # [B, 1, max_q, width * block_size] bool
+
+    @classmethod
+    def plan(cls, cu_seqlens_q: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+             block_size: int, max_q: int | None = None) -> "PagedPrefill":
+        device = cu_seqlens_q.device
+        q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
+        max_q = int(q_lens.max()) if max_q is None else max_q
+        seq_of_token = torch.repeat_interleave(torch.arange(q_lens.shape[0], device=device), q_lens)
+        index_in_seq = torch.arange(seq_of_token.shape[0], device=device) - cu_seqlens_q[seq_of_token].long()
+        gather = PagedGather.plan(block_tables, context_lens, block_size)
+        # padding query rows get positions >= context_len, so they still see the whole context: no empty
+        # softmax row (NaN) appears even though their outputs are dropped
+        q_positions = (context_lens.long() - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
+        k_positions = torch.arange(gather.in_context.shape[1], device=device)
+        visible = (k_positions[None, None, :] <= q_positions[:, :, None]) & gather.in_context[:, None, :]
+        return cls(seq_of_token, index_in_seq, max_q, gather, visible[:, None])
+
+
 def paged_prefill_attention_torch(q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor,
                                   v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                  scale: float) -> torch.Tensor:
+                                  scale: float, plan: PagedPrefill | None = None) -> torch.Tensor:
     """Causal attention of several sequences' new tokens over their cached context, the new tokens'
     own keys and values already stored in it. q [T, num_heads, head_dim] holds the new tokens of sequence
     b in rows cu_seqlens_q[b]:cu_seqlens_q[b + 1]; they are the last tokens of its context_lens[b], so
     new token i sits at position context_lens[b] - q_len[b] + i and sees cache positions up to its own.
-    Returns [T, num_heads, head_dim] in q's dtype."""
+    Returns [T, num_heads, head_dim] in q's dtype. plan: PagedPrefill.plan(...) of the same arguments, when the
+    caller reuses it across layers."""
     T, num_heads, head_dim = q.shape
-    device = q.device
-    q_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()
-    B = q_lens.shape[0]
-    max_q = int(q_lens.max())
-    seq_of_token = torch.repeat_interleave(torch.arange(B, device=device), q_lens)
-    index_in_seq = torch.arange(T, device=device) - cu_seqlens_q[seq_of_token].long()
-
-    padded_q = q.new_zeros(B, max_q, num_heads, head_dim)
-    padded_q[seq_of_token, index_in_seq] = q
-    gather = PagedGather.plan(block_tables, context_lens, k_cache.shape[1])
-    k, v, in_context = gather.gather(k_cache), gather.gather(v_cache), gather.in_context
-    # padding query rows get positions >= context_len, so they still see the whole context: no empty
-    # softmax row (NaN) appears even though their outputs are dropped
-    q_positions = (context_lens.long() - q_lens)[:, None] + torch.arange(max_q, device=device)[None, :]
-    k_positions = torch.arange(k.shape[2], device=device)
-    visible = (k_positions[None, None, :] <= q_positions[:, :, None]) & in_context[:, None, :]
+    if plan is None:
+        plan = PagedPrefill.plan(cu_seqlens_q, block_tables, context_lens, k_cache.shape[1])
+    padded_q = q.new_zeros(context_lens.shape[0], plan.max_q, num_heads, head_dim)
+    padded_q[plan.seq_of_token, plan.index_in_seq] = q
+    k, v = plan.gather.gather(k_cache), plan.gather.gather(v_cache)
     out = F.scaled_dot_product_attention(padded_q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype),
-                                         attn_mask=visible[:, None], scale=scale,
-                                         enable_gqa=num_heads != k_cache.shape[2])
-    return out.transpose(1, 2)[seq_of_token, index_in_seq]
+                                         attn_mask=plan.visible, scale=scale, enable_gqa=num_heads != k_cache.shape[2])
+    return out.transpose(1, 2)[plan.seq_of_token, plan.index_in_seq]

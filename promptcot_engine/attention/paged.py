@@ -20,6 +20,7 @@ from promptcot_engine.attention.varlen import VarlenCausalAttention
 from promptcot_engine.kernels.kv_cache_store import store_kvcache
 from promptcot_engine.kernels.paged_attention import (
     PagedGather,
+    PagedPrefill,
     paged_decode_attention,
     paged_decode_attention_torch,
     paged_prefill_attention_torch,
@@ -38,6 +39,7 @@ class AttentionMetadata:
     has_cached_context: bool  # some sequence attends to tokens computed in an earlier step
     shared_prefix: SharedPrefixPlan | None = None  # decode on the torch backend, when sequences share blocks
     paged_gather: PagedGather | None = None  # decode on the torch backend otherwise: built once for all layers
+    paged_prefill: PagedPrefill | None = None  # prefill over cached context without flash-attn: likewise
 
 
 class PagedAttention:
@@ -66,7 +68,7 @@ class PagedAttention:
                                               md.max_context_len, softmax_scale=self.scale, causal=True,
                                               block_table=md.block_tables)
             return paged_prefill_attention_torch(q, md.cu_seqlens_q, k_cache, v_cache, md.block_tables,
-                                                 md.context_lens, self.scale)
+                                                 md.context_lens, self.scale, md.paged_prefill)
         if self.backend == "flash":
             from flash_attn import flash_attn_with_kvcache
 

@@ -2,15 +2,19 @@
 forward's attention. Sequences are given by cu_seqlens (cumulative lengths, [num_seqs + 1]); a token only
 attends to earlier tokens of its own sequence.
 
-On CUDA with flash-attn installed this is flash_attn_varlen_func. Elsewhere the tokens are scattered into a
+On CUDA with flash-attn installed, for fp16/bf16 (the only dtypes it takes), this is flash_attn_varlen_func. Elsewhere the tokens are scattered into a
 right-padded [num_seqs, max_len] batch and run through SDPA with is_causal: with right padding the causal
 mask already keeps every real query off the padding, so no explicit block-diagonal mask is built, and the
 cost is num_seqs * max_len^2 rather than (total tokens)^2.
 """
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def flash_attn_available(device: torch.device) -> bool:
@@ -26,18 +30,21 @@ def flash_attn_available(device: torch.device) -> bool:
 class VarlenCausalAttention:
     def __init__(self, cu_seqlens: torch.Tensor):
         self.cu_seqlens = cu_seqlens.to(torch.int32)
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        self.num_seqs, self.max_len = len(lengths), max(lengths)
-        self.use_flash = flash_attn_available(cu_seqlens.device)
-        if self.num_seqs > 1 and not self.use_flash:
-            # padded slot of each token: sequence index * max_len + offset within the sequence
-            seq_ids = torch.repeat_interleave(torch.arange(self.num_seqs, device=cu_seqlens.device),
-                                              torch.tensor(lengths, device=cu_seqlens.device))
-            offsets = torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - cu_seqlens[seq_ids].long()
-            self.padded_index = seq_ids * self.max_len + offsets
+        self.lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        self.num_seqs, self.max_len = len(self.lengths), max(self.lengths)
+        self.flash_installed = flash_attn_available(cu_seqlens.device)
+
+    @cached_property
+    def padded_index(self) -> torch.Tensor:
+        """The padded slot of each token: sequence index * max_len + offset within the sequence."""
+        device = self.cu_seqlens.device
+        seq_ids = torch.repeat_interleave(torch.arange(self.num_seqs, device=device),
+                                          torch.tensor(self.lengths, device=device))
+        offsets = torch.arange(int(self.cu_seqlens[-1]), device=device) - self.cu_seqlens[seq_ids].long()
+        return seq_ids * self.max_len + offsets
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.use_flash:
+        if self.flash_installed and q.dtype in FLASH_DTYPES:
             from flash_attn import flash_attn_varlen_func
 
             return flash_attn_varlen_func(q, k, v, self.cu_seqlens, self.cu_seqlens, self.max_len, self.max_len, causal=True)

@@ -94,8 +94,10 @@ def side_main(doc: str, engine_side, transformers_side, **int_options: int) -> N
 
 
 def run_side(module: str, side: str, args: list[str]) -> dict:
-    """Run one side of a benchmark as `python -m module --side side args...`; it prints a JSON line last."""
-    done = subprocess.run([sys.executable, "-m", module, "--side", side, *args], check=True, capture_output=True, text=True)
+    """Run one side of a benchmark as `python -m module --side side args...`; it prints a JSON line last. Its
+    stderr (progress, warnings, a traceback) goes to ours."""
+    done = subprocess.run([sys.executable, "-m", module, "--side", side, *args], check=True, stdout=subprocess.PIPE,
+                          text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -9,29 +9,35 @@ import torch
 
 from promptcot_engine.attention.paged import AttentionMetadata, PagedAttention
 from promptcot_engine.attention.shared_prefix import plan_shared_prefix
-from promptcot_engine.attention.varlen import flash_attn_available
+from promptcot_engine.attention.varlen import FLASH_DTYPES, flash_attn_available
 from promptcot_engine.config import EngineConfig
 from promptcot_engine.engine.scheduler import ScheduledBatch
 from promptcot_engine.engine.sequence import Sequence
 from promptcot_engine.errors import InputError
 from promptcot_engine.kernels.cpu_linear import use_onednn_linear
 from promptcot_engine.kernels.fused_logprob import linear_logprob
-from promptcot_engine.kernels.paged_attention import PagedGather
+from promptcot_engine.kernels.paged_attention import PagedGather, PagedPrefill
 from promptcot_engine.models.decoder import DecoderForCausalLM
 
 GiB = 1 << 30
 CPU_DEFAULT_KV_GB = 2.0
 
 
-def resolve_attention_backend(requested: str, device: torch.device) -> str:
+def resolve_attention_backend(requested: str, device: torch.device, dtype: torch.dtype, block_size: int | None) -> str:
+    """flash-attn takes fp16/bf16 only and paged blocks of a multiple of 256 tokens: `auto` picks it only then."""
+    flash_fits = dtype in FLASH_DTYPES and (block_size is None or block_size % 256 == 0)
     if requested == "auto":
         if device.type != "cuda":
             return "torch"
-        return "flash" if flash_attn_available(device) else "triton"
+        return "flash" if flash_attn_available(device) and flash_fits else "triton"
     if requested in ("flash", "triton") and device.type != "cuda":
         raise InputError(f"attention_backend={requested!r} needs a CUDA device (device is {device})")
-    if requested == "flash" and not flash_attn_available(device):
-        raise InputError("attention_backend='flash' needs flash-attn: pip install 'promptcot_engine[gpu]'")
+    if requested == "flash":
+        if not flash_attn_available(device):
+            raise InputError("attention_backend='flash' needs flash-attn: pip install 'promptcot_engine[gpu]'")
+        if not flash_fits:
+            raise InputError(f"attention_backend='flash' needs dtype float16 or bfloat16 (got {dtype}) and a "
+                             f"block_size that is a multiple of 256 (got {block_size})")
     return requested
 
 
@@ -48,14 +54,15 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         mc = model.config
-        self.backend = resolve_attention_backend(config.attention_backend, device)
+        self.backend = resolve_attention_backend(config.attention_backend, device, dtype, config.block_size)
         self.block_size = config.block_size or (256 if self.backend == "flash" else 16)
         self.scale = mc.head_dim ** -0.5
         if device.type == "cpu":
             use_onednn_linear(model)  # the engine's model only runs inference: its products go to oneDNN
         self.kv_caches = self._allocate_kv_cache()
         self.cuda_graphs = None
-        if device.type == "cuda" and not config.enforce_eager:
+        # the torch backend plans its decode from the block tables on the host each step: nothing to capture
+        if self.backend in ("triton", "flash") and not config.enforce_eager:
             from promptcot_engine.engine.cuda_graph import DecodeCUDAGraphs
 
             self.cuda_graphs = DecodeCUDAGraphs(self, max_batch_size=config.max_num_seqs)
@@ -141,6 +148,9 @@ class ModelRunner:
             max_context_len=max(context_lens),
             has_cached_context=any(c != q for c, q in zip(context_lens, q_lens)),
         )
+        if batch.is_prefill and metadata.has_cached_context and self.backend != "flash":
+            metadata.paged_prefill = PagedPrefill.plan(metadata.cu_seqlens_q, metadata.block_tables,
+                                                       metadata.context_lens, bs, metadata.max_seqlen_q)
         if not batch.is_prefill and self.backend == "torch":
             metadata.shared_prefix = plan_shared_prefix([s.block_table for s in batch.seqs], context_lens, bs, dev,
                                                          self.dtype)
