@@ -2,8 +2,10 @@
 timing is asserted: only that the figures are there and that the engine and transformers agree."""
 import json
 
+import pytest
 from click.testing import CliRunner
 
+from promptcot_engine.benchmarks.common import run_side
 from promptcot_engine.cli import main
 from tests.tiny_checkpoints import tiny_checkpoint
 
@@ -35,3 +37,10 @@ def test_score_sides_agree_on_the_log_probs(tmp_path):
     assert row["engine_prefilled_tokens"] == 2 * (20 + 12) + 2 * (20 - 16 + 12)
     assert row["max_relative_sum_difference"] < 1e-5
     assert row["engine_peak_extra_mb"] >= 0 and row["hf_peak_extra_mb"] > 0
+
+
+def test_a_failing_side_reports_its_traceback(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(RuntimeError, match="no-such-model") as info:
+        run_side("promptcot_engine.benchmarks.score", "engine", ["--model", str(missing), "--device", "cpu"])
+    assert "engine side of promptcot_engine.benchmarks.score exited with status" in str(info.value)

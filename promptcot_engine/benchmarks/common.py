@@ -94,10 +94,12 @@ def side_main(doc: str, engine_side, transformers_side, **int_options: int) -> N
 
 
 def run_side(module: str, side: str, args: list[str]) -> dict:
-    """Run one side of a benchmark as `python -m module --side side args...`; it prints a JSON line last. Its
-    stderr (progress, warnings, a traceback) goes to ours."""
-    done = subprocess.run([sys.executable, "-m", module, "--side", side, *args], check=True, stdout=subprocess.PIPE,
-                          text=True)
+    """Run one side of a benchmark as `python -m module --side side args...`; it prints a JSON line last. When it
+    fails, the error carries the end of its stderr (the traceback)."""
+    done = subprocess.run([sys.executable, "-m", module, "--side", side, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {side} side of {module} exited with status {done.returncode}:\n"
+                           + "\n".join(done.stderr.strip().splitlines()[-30:]))
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
