@@ -92,8 +92,10 @@ class ModelRunner:
             hidden = self.model(ids, torch.arange(tokens, device=self.device),
                                 VarlenCausalAttention(torch.tensor([0, tokens], dtype=torch.int32, device=self.device)))
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
+        del hidden
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.empty_cache()  # the profiling pass's blocks go back to the device, for the KV cache to take
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         return int(total * self.config.gpu_memory_utilization - used_by_others - peak)
