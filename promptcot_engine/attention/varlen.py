@@ -2,10 +2,10 @@
 forward's attention. Sequences are given by cu_seqlens (cumulative lengths, [num_seqs + 1]); a token only
 attends to earlier tokens of its own sequence.
 
-On CUDA with flash-attn installed, for fp16/bf16 (the only dtypes it takes), this is flash_attn_varlen_func. Elsewhere the tokens are scattered into a
-right-padded [num_seqs, max_len] batch and run through SDPA with is_causal: with right padding the causal
-mask already keeps every real query off the padding, so no explicit block-diagonal mask is built, and the
-cost is num_seqs * max_len^2 rather than (total tokens)^2.
+On CUDA with flash-attn installed, for fp16/bf16 (the only dtypes it takes), this is flash_attn_varlen_func.
+Elsewhere the tokens are scattered into a right-padded [num_seqs, max_len] batch and run through SDPA with
+is_causal: with right padding the causal mask already keeps every real query off the padding, so no explicit
+block-diagonal mask is built, and the cost is num_seqs * max_len^2 rather than (total tokens)^2.
 """
 from __future__ import annotations
 

@@ -113,7 +113,8 @@ def run_estep_bench(model: str = "smollm2-135m-instruct", num_pairs: int = 16, k
               "engine_seconds": engine["seconds"], "engine_pairs_per_s": num_pairs / engine["seconds"],
               "engine_generated_tokens_per_s": engine["generated_tokens"] / engine["generate_seconds"],
               # None when no candidate was valid (nothing scored), as with a random model's empty texts
-              "engine_scored_tokens_per_s": engine["scored_tokens"] / engine["score_seconds"] if engine["scored_tokens"] else None,
+              "engine_scored_tokens_per_s": (engine["scored_tokens"] / engine["score_seconds"]
+                                             if engine["scored_tokens"] else None),
               "engine_peak_extra_mb": engine["peak_extra_mb"], "engine_valid_candidates": engine["valid_candidates"],
               **{f"engine_{k_}": v for k_, v in engine.items() if k_.startswith("decode")}, **machine()}
     if compare_hf:
