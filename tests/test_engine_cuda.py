@@ -4,24 +4,13 @@ import pytest
 import torch
 
 import promptcot_engine.engine.model_runner as model_runner
-from promptcot_engine import LLM, SamplingParams
+from promptcot_engine import LLM
 from promptcot_engine.errors import InputError
 from tests.reference import hf_model
-from tests.test_engine_generate import MAX_NEW, mixed_prompts
-from tests.test_engine_score import TOL, random_pairs
+from tests.test_engine_generate import engine_greedy, hf_greedy, mixed_prompts
+from tests.test_engine_score import TOL, hf_token_logprobs, random_pairs
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def hf_greedy_cuda(model, prompts, eos_ids) -> list[list[int]]:
-    outs = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = torch.tensor([p], device="cuda")
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False,
-                                 eos_token_id=eos_ids, pad_token_id=0)
-            outs.append(out[0, len(p):].tolist())
-    return outs
 
 
 @cuda
@@ -32,10 +21,9 @@ def test_greedy_matches_transformers_on_cuda(tiny_model_dir, backend, enforce_ea
     assert llm.engine.runner.backend == backend
     assert (llm.engine.runner.cuda_graphs is not None) == (not enforce_eager)
     prompts = mixed_prompts(llm.engine.model.config.vocab_size)
-    expected = hf_greedy_cuda(hf_model(tiny_model_dir).cuda(), prompts, sorted(llm.engine.eos_token_ids))
-    params = SamplingParams(temperature=0, max_tokens=MAX_NEW)
+    expected = hf_greedy(hf_model(tiny_model_dir).cuda(), prompts, sorted(llm.engine.eos_token_ids))
     for _ in range(2):  # the second pass runs through the prefix cache the first filled
-        assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+        assert engine_greedy(llm, prompts) == expected
 
 
 @cuda
@@ -43,9 +31,8 @@ def test_preemption_and_chunked_prefill_on_cuda(tiny_llama_dir):
     llm = LLM(tiny_llama_dir, dtype="float32", device="cuda", num_kv_blocks=24, block_size=8, max_num_seqs=16,
               max_num_batched_tokens=40)
     prompts = mixed_prompts(llm.engine.model.config.vocab_size)
-    expected = hf_greedy_cuda(hf_model(tiny_llama_dir).cuda(), prompts, sorted(llm.engine.eos_token_ids))
-    params = SamplingParams(temperature=0, max_tokens=MAX_NEW)
-    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == expected
+    expected = hf_greedy(hf_model(tiny_llama_dir).cuda(), prompts, sorted(llm.engine.eos_token_ids))
+    assert engine_greedy(llm, prompts) == expected
     assert llm.engine.scheduler.num_preemptions > 0
 
 
@@ -59,10 +46,9 @@ def test_score_matches_transformers_on_cuda(tiny_model_dir):
     pairs += [(shared, x) for _, x in random_pairs(vocab, [(1, 12), (1, 30), (1, 1)], seed=1)]  # a prefix-cache hit
     results = llm.score([c for c, _ in pairs], [x for _, x in pairs], use_tqdm=False)
     for (context, continuation), result in zip(pairs, results):
-        with torch.no_grad():
-            logits = ref(torch.tensor([context + continuation], device="cuda")).logits[0, len(context) - 1:-1].float()
-        expected = logits.log_softmax(-1).gather(-1, torch.tensor(continuation, device="cuda")[:, None]).squeeze(-1)
-        assert torch.allclose(torch.tensor(result.token_logprobs), expected.cpu(), atol=TOL, rtol=0)
+        expected, greedy = hf_token_logprobs(ref, context, continuation)
+        assert torch.allclose(torch.tensor(result.token_logprobs), expected, atol=TOL, rtol=0)
+        assert result.is_greedy == greedy
 
 
 @pytest.mark.parametrize("requested,dtype,block_size,installed,expected", [

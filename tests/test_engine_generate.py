@@ -20,8 +20,9 @@ def hf_greedy(model, prompts, eos_ids, max_new=MAX_NEW) -> list[list[int]]:
     outs = []
     with torch.no_grad():
         for p in prompts:
-            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 max_new_tokens=max_new, do_sample=False, eos_token_id=eos_ids, pad_token_id=0)
+            ids = torch.tensor([p], device=model.device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                                 eos_token_id=eos_ids, pad_token_id=0)
             outs.append(out[0, len(p):].tolist())
     return outs
 

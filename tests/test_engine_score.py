@@ -10,12 +10,12 @@ TOL = 1e-4
 
 
 def hf_token_logprobs(model, context: list[int], continuation: list[int]) -> tuple[torch.Tensor, bool]:
-    ids = torch.tensor([context + continuation])
+    ids = torch.tensor([context + continuation], device=model.device)
     with torch.no_grad():
         logits = model(ids).logits[0, len(context) - 1:-1].float()
-    targets = torch.tensor(continuation)
+    targets = torch.tensor(continuation, device=model.device)
     logprobs = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-    return logprobs, bool((logits.argmax(-1) == targets).all())
+    return logprobs.cpu(), bool((logits.argmax(-1) == targets).all())
 
 
 def random_pairs(vocab: int, shapes, seed=0):
