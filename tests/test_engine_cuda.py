@@ -70,5 +70,10 @@ def test_attention_backend_resolution(monkeypatch, requested, dtype, block_size,
     else:
         assert resolve(requested, torch.device("cuda"), dtype, block_size) == expected
     assert resolve("auto", torch.device("cpu"), dtype, block_size) == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(InputError, match="CUDA"):
         resolve("triton", torch.device("cpu"), dtype, block_size)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton's interpreter runs the kernels on CPU tensors
+    assert resolve("triton", torch.device("cpu"), dtype, block_size) == "triton"
+    with pytest.raises(InputError, match="CUDA"):
+        resolve("flash", torch.device("cpu"), dtype, block_size)

@@ -1,5 +1,7 @@
 """LLM.generate against transformers' greedy generate, and the engine's batching, caching and preemption
 paths, which must not change a single token."""
+import os
+
 import pytest
 import torch
 
@@ -63,6 +65,33 @@ def test_engine_paths_do_not_change_tokens(tiny_llama_dir, variant):
     assert engine_greedy(llm, prompts) == expected
     if variant.get("num_kv_blocks"):
         assert llm.engine.scheduler.num_preemptions > 0
+
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="runs the Triton kernels in Triton's interpreter, on CPU")
+
+
+def triton_engine(model_dir, **engine_args) -> LLM:
+    llm = LLM(model_dir, dtype="float32", device="cpu", attention_backend="triton", **engine_args)
+    assert llm.engine.runner.backend == "triton" and llm.engine.runner.cuda_graphs is None
+    return llm
+
+
+@interpreted
+def test_triton_backend_under_interpreter_matches_transformers(tiny_model_dir):
+    """The GPU decode path (Triton KV store and paged decode, int32 block tables straight from the engine) on
+    CPU tensors through Triton's interpreter: the engine's plumbing into the kernels, not only the kernels."""
+    llm = triton_engine(tiny_model_dir)
+    prompts = mixed_prompts(llm.engine.model.config.vocab_size)
+    assert engine_greedy(llm, prompts) == hf_greedy(hf_model(tiny_model_dir), prompts, sorted(llm.engine.eos_token_ids))
+
+
+@interpreted
+def test_triton_backend_under_interpreter_with_preemption(tiny_llama_dir):
+    llm = triton_engine(tiny_llama_dir, num_kv_blocks=24, block_size=8, max_num_seqs=16)
+    prompts = mixed_prompts(llm.engine.model.config.vocab_size)
+    assert engine_greedy(llm, prompts) == hf_greedy(hf_model(tiny_llama_dir), prompts, sorted(llm.engine.eos_token_ids))
+    assert llm.engine.scheduler.num_preemptions > 0
 
 
 @pytest.mark.slow

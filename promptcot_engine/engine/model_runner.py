@@ -30,7 +30,9 @@ def resolve_attention_backend(requested: str, device: torch.device, dtype: torch
         if device.type != "cuda":
             return "torch"
         return "flash" if flash_attn_available(device) and flash_fits else "triton"
-    if requested in ("flash", "triton") and device.type != "cuda":
+    # Triton's interpreter runs the kernels on CPU tensors: slow, but the GPU decode path end to end (tests)
+    interpreted = requested == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    if requested in ("flash", "triton") and device.type != "cuda" and not interpreted:
         raise InputError(f"attention_backend={requested!r} needs a CUDA device (device is {device})")
     if requested == "flash":
         if not flash_attn_available(device):
@@ -62,7 +64,7 @@ class ModelRunner:
         self.kv_caches = self._allocate_kv_cache()
         self.cuda_graphs = None
         # the torch backend plans its decode from the block tables on the host each step: nothing to capture
-        if self.backend in ("triton", "flash") and not config.enforce_eager:
+        if self.backend in ("triton", "flash") and device.type == "cuda" and not config.enforce_eager:
             from promptcot_engine.engine.cuda_graph import DecodeCUDAGraphs
 
             self.cuda_graphs = DecodeCUDAGraphs(self, max_batch_size=config.max_num_seqs)
