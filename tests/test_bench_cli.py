@@ -5,7 +5,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from promptcot_engine import LLM
 from promptcot_engine.benchmarks.common import run_side
+from promptcot_engine.benchmarks.products_ceiling import products_ceiling, products_flops
 from promptcot_engine.cli import main
 from tests.tiny_checkpoints import tiny_checkpoint
 
@@ -25,6 +27,25 @@ def test_generate_both_sides_generate_the_same_tokens(tmp_path):
     assert row["bench"] == "generate"
     assert row["generated_tokens"] == row["hf_generated_tokens"] == 3 * 2 * 5
     assert row["speedup_vs_hf"] == row["engine_tokens_per_s"] / row["hf_tokens_per_s"]
+    assert row["ceiling_gflops"] > 0
+    assert row["engine_fraction_of_ceiling"] == pytest.approx(
+        row["engine_gflops"] / row["ceiling_gflops"])
+    assert row["speedup_ceiling_vs_hf"] == pytest.approx(
+        row["hf_seconds"] * row["ceiling_gflops"] / row["products_gflop"])
+
+
+def test_products_flops_equal_a_hand_count_from_the_config():
+    model_dir = tiny_checkpoint("llama")
+    config = json.loads((model_dir / "config.json").read_text())
+    h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    q_width, kv_width = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
+    body = layers * (h * q_width + 2 * h * kv_width + q_width * h + 3 * h * inter)
+    head = h * config["vocab_size"]
+    model = LLM(model_dir, dtype="float32", device="cpu").engine.model
+    # prompts of 5 and 9 tokens, n=3 samples of 4 tokens each: 14 prompt rows, 3 more rows per sample, and
+    # the LM head at each prompt's last token and at those 3 rows of each sample
+    assert products_flops(model, [5, 9], 3, 2 * 3 * 4) == 2 * ((14 + 18) * body + (2 + 18) * head)
+    assert 0 < products_ceiling(model, rows=8, repeats=1) < float("inf")
 
 
 def test_score_sides_agree_on_the_log_probs(tmp_path):

@@ -1,9 +1,11 @@
-"""`promptcot bench generate`: sampling throughput of the engine against transformers' generate."""
+"""`promptcot bench generate`: sampling throughput of the engine against transformers' generate, and both
+against the machine's ceiling for the model's matrix products (benchmarks/products_ceiling.py)."""
 from __future__ import annotations
 
 import torch
 
 from promptcot_engine.benchmarks.common import chat_prompts, machine, timed
+from promptcot_engine.benchmarks.products_ceiling import products_ceiling, products_flops
 from promptcot_engine.engine.llm import LLM
 from promptcot_engine.sampling_params import SamplingParams
 
@@ -22,6 +24,11 @@ def run_generate_bench(model: str = "smollm2-135m-instruct", num_prompts: int = 
     result = {"workload": f"{num_prompts} prompts x n={n} x {max_tokens} new tokens, temperature {temperature}",
               "generated_tokens": tokens, "engine_seconds": t["seconds"], "engine_tokens_per_s": tokens / t["seconds"],
               "preemptions": llm.engine.scheduler.num_preemptions, **machine()}
+    flops = products_flops(llm.engine.model, [len(p) for p in prompts], n, tokens)
+    ceiling = products_ceiling(llm.engine.model, rows=min(num_prompts * n, llm.engine.config.max_num_seqs))
+    result.update({"products_gflop": flops / 1e9, "engine_gflops": flops / t["seconds"] / 1e9,
+                   "ceiling_gflops": ceiling / 1e9,
+                   "engine_fraction_of_ceiling": flops / t["seconds"] / ceiling})
     if compare_hf:
         from promptcot_engine.benchmarks.hf_reference import left_padded, load_hf_model
 
@@ -38,4 +45,6 @@ def run_generate_bench(model: str = "smollm2-135m-instruct", num_prompts: int = 
         result.update({"hf_seconds": t_hf["seconds"], "hf_generated_tokens": hf_tokens,
                        "hf_tokens_per_s": hf_tokens / t_hf["seconds"]})
         result["speedup_vs_hf"] = result["engine_tokens_per_s"] / result["hf_tokens_per_s"]
+        # transformers' time over the products' alone: what no implementation of them could beat here
+        result["speedup_ceiling_vs_hf"] = t_hf["seconds"] / (flops / ceiling)
     return result
