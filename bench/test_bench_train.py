@@ -11,12 +11,8 @@ from promptcot_engine.benchmarks.train import run_train_bench
 
 
 @pytest.mark.slow
-def test_bench_train(benchmark, capsys):
+def test_bench_train(benchmark, record_result):
     result = benchmark.pedantic(run_train_bench, kwargs=dict(batch=8, seq_len=512, steps=3), rounds=1, iterations=1)
-    benchmark.extra_info.update(result)
-    with capsys.disabled():
-        print()
-        for key, value in result.items():
-            print(f"{key:>32}: {value:,.3f}" if isinstance(value, float) else f"{key:>32}: {value}")
+    record_result(result)
     assert result["engine_first_loss"] == pytest.approx(result["transformers_first_loss"], rel=1e-4)
     assert result["peak_memory_ratio"] <= 0.6

@@ -1,0 +1,28 @@
+"""The engine's two throughput targets as pytest-benchmark cases, on the workloads of `promptcot bench`:
+sampling (16 prompts x n=8 x 128 new tokens at temperature 1, SmolLM2-135M) against transformers' generate,
+and teacher-forced scoring (64 pairs of 512 + 512 tokens, each context shared by 8 pairs) against
+transformers' forward + log_softmax. Both sides run in the same test; the figures and ratios are printed
+and recorded in the benchmark's extra_info, never asserted (the clock is the machine's). Asserted: both
+sides did the same work, and the score sides agree.
+
+Run: pytest bench/test_bench_engine.py --benchmark-only -s   (about 3 and 5 minutes on a 2-core CPU)
+"""
+import pytest
+
+from promptcot_engine.benchmarks.generate import run_generate_bench
+from promptcot_engine.benchmarks.score import run_score_bench
+
+
+@pytest.mark.slow
+def test_bench_generate(benchmark, record_result):
+    result = benchmark.pedantic(run_generate_bench, rounds=1, iterations=1)
+    record_result(result)
+    assert result["generated_tokens"] == result["hf_generated_tokens"] == 16 * 8 * 128
+
+
+@pytest.mark.slow
+def test_bench_score(benchmark, record_result):
+    result = benchmark.pedantic(run_score_bench, rounds=1, iterations=1)
+    record_result(result)
+    assert result["scored_tokens"] == 64 * 512
+    assert result["max_relative_sum_difference"] < 1e-4
