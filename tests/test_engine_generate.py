@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from promptcot_engine import LLM, SamplingParams
+from promptcot_engine.engine.cuda_graph import StaticDecodeInputs
 from promptcot_engine.errors import InputError
 from tests.reference import hf_model
 
@@ -92,6 +93,33 @@ def test_triton_backend_under_interpreter_with_preemption(tiny_llama_dir):
     prompts = mixed_prompts(llm.engine.model.config.vocab_size)
     assert engine_greedy(llm, prompts) == hf_greedy(hf_model(tiny_llama_dir), prompts, sorted(llm.engine.eos_token_ids))
     assert llm.engine.scheduler.num_preemptions > 0
+
+
+@interpreted
+def test_decode_graph_inputs_pad_without_changing_tokens(tiny_llama_dir):
+    """What a CUDA-graph decode step does besides the replay: the batch copied into the fixed buffers of the
+    smallest bucket that holds it, padding rows storing nothing and attending to one token, their outputs
+    dropped. Here the captured step (the Triton kernels over those buffers) runs eagerly, in the interpreter,
+    while the batch shrinks through the buckets (each sequence stops at its own max_tokens)."""
+    class EagerGraphs(StaticDecodeInputs):
+        buckets = set()
+
+        def run(self, input_ids, positions, metadata):
+            n, bs = input_ids.shape[0], self.stage(input_ids, positions, metadata)
+            assert (self.slot_mapping[n:bs] == -1).all() and (self.context_lens[n:bs] == 1).all()
+            self.buckets.add((n, bs))
+            return self.forward(bs)[:n]
+
+    llm = triton_engine(tiny_llama_dir)
+    graphs = llm.engine.runner.cuda_graphs = EagerGraphs(llm.engine.runner, max_batch_size=16)
+    prompts = mixed_prompts(llm.engine.model.config.vocab_size)  # 13 sequences: the bucket of 16
+    lengths = [3 + i for i in range(len(prompts))]
+    hf = hf_model(tiny_llama_dir)
+    eos = sorted(llm.engine.eos_token_ids)
+    expected = [hf_greedy(hf, [p], eos, max_new=m)[0] for p, m in zip(prompts, lengths)]
+    outputs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=m) for m in lengths], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    assert {bs for _, bs in graphs.buckets} >= {16, 8, 4} and any(n < bs for n, bs in graphs.buckets)
 
 
 @pytest.mark.slow

@@ -12,10 +12,12 @@ import torch
 from promptcot_engine.attention.paged import AttentionMetadata, PagedAttention
 
 
-class DecodeCUDAGraphs:
+class StaticDecodeInputs:
+    """The fixed buffers a captured decode step reads, per batch-size bucket, and the padding of a smaller
+    batch into them (kept apart from the capture so that it can be run eagerly, on any device)."""
+
     def __init__(self, runner, max_batch_size: int):
         self.runner = runner
-        model = runner.model
         device = runner.device
         sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size] + list(range(16, max_batch_size, 16)) + [max_batch_size]
         self.batch_sizes = sorted(set(sizes))
@@ -27,19 +29,6 @@ class DecodeCUDAGraphs:
         self.context_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        pool = None
-        with torch.inference_mode():
-            for bs in reversed(self.batch_sizes):  # largest first, so smaller graphs reuse its memory pool
-                attention = PagedAttention(runner.kv_caches, self._metadata(bs), runner.backend, runner.scale)
-                model(self.input_ids[:bs], self.positions[:bs], attention)  # warm-up: autotuning, lazy init
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    self.outputs[bs] = model(self.input_ids[:bs], self.positions[:bs], attention)
-                pool = pool or graph.pool()
-                self.graphs[bs] = graph
-        torch.cuda.synchronize(device)
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(is_prefill=False, slot_mapping=self.slot_mapping[:bs], block_tables=self.block_tables[:bs],
@@ -47,10 +36,17 @@ class DecodeCUDAGraphs:
                                  max_seqlen_q=1, max_context_len=self.max_blocks * self.runner.block_size,
                                  has_cached_context=True)
 
+    def forward(self, bs: int) -> torch.Tensor:
+        """The decode step of the bucket of bs rows over the buffers (what a graph captures)."""
+        runner = self.runner
+        attention = PagedAttention(runner.kv_caches, self._metadata(bs), runner.backend, runner.scale)
+        return runner.model(self.input_ids[:bs], self.positions[:bs], attention)
+
     def can_run(self, batch_size: int, metadata: AttentionMetadata) -> bool:
         return batch_size <= self.batch_sizes[-1] and metadata.block_tables.shape[1] <= self.max_blocks
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+    def stage(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> int:
+        """Copy a batch of n sequences into the buffers of the smallest bucket that holds it; return that size."""
         n = input_ids.shape[0]
         bs = next(s for s in self.batch_sizes if s >= n)
         self.input_ids[:n] = input_ids
@@ -61,5 +57,26 @@ class DecodeCUDAGraphs:
         self.context_lens[:n] = metadata.context_lens
         width = metadata.block_tables.shape[1]
         self.block_tables[:n, :width] = metadata.block_tables
+        return bs
+
+
+class DecodeCUDAGraphs(StaticDecodeInputs):
+    def __init__(self, runner, max_batch_size: int):
+        super().__init__(runner, max_batch_size)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        pool = None
+        with torch.inference_mode():
+            for bs in reversed(self.batch_sizes):  # largest first, so smaller graphs reuse its memory pool
+                self.forward(bs)  # warm-up: autotuning, lazy init
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    self.outputs[bs] = self.forward(bs)
+                pool = pool or graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.synchronize(runner.device)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        bs = self.stage(input_ids, positions, metadata)
         self.graphs[bs].replay()
-        return self.outputs[bs][:n]
+        return self.outputs[bs][:input_ids.shape[0]]
