@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from promptcot_engine import LLM
+from promptcot_engine.attention import varlen
+from promptcot_engine.attention.varlen import VarlenCausalAttention, cu_seqlens_from_lengths
 from promptcot_engine.engine import model_runner
 from tests.reference import hf_model
 from tests.test_engine_generate import engine_greedy, hf_greedy, mixed_prompts
@@ -95,3 +97,17 @@ def test_flash_backend_calls_keep_transformers_tokens(tiny_llama_dir, monkeypatc
     assert engine_greedy(llm, prompts) == expected
     if prompt_lengths:
         assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_fresh_prefill_calls_flash_varlen_as_documented(monkeypatch):
+    """Prefill with nothing cached goes to flash_attn_varlen_func for fp16/bf16 on CUDA: the same call, made
+    on CPU to the stand-in, equals the SDPA path it replaces."""
+    g = torch.Generator().manual_seed(0)
+    cu_seqlens = cu_seqlens_from_lengths([5, 1, 12])
+    q, k, v = (torch.randn(18, heads, 16, generator=g).to(torch.bfloat16) for heads in (6, 2, 2))
+    expected = VarlenCausalAttention(cu_seqlens)(0, q, k, v)
+    use_flash_stand_in(monkeypatch)
+    monkeypatch.setattr(varlen, "flash_attn_available", lambda device: True)
+    attention = VarlenCausalAttention(cu_seqlens)
+    assert attention.flash_installed
+    torch.testing.assert_close(attention(0, q, k, v), expected, rtol=2e-2, atol=2e-2)
