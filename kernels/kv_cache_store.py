@@ -5,7 +5,8 @@ Cache layout (per layer, shared with flash-attn's paged kernels): k_cache and v_
 block_id * block_size + offset; a negative slot means "do not store" (padding tokens, e.g. the
 rows a captured CUDA graph runs for absent sequences).
 
-`store_kvcache` runs the Triton kernel on CUDA and `store_kvcache_torch`, its reference, elsewhere.
+`store_kvcache` runs the Triton kernel on CUDA (or where asked to) and `store_kvcache_torch`, its
+reference, elsewhere.
 """
 from __future__ import annotations
 
@@ -66,15 +67,16 @@ def store_kvcache_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.T
 
 
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
+                  slot_mapping: torch.Tensor, force_triton: bool = False) -> None:
     """k_cache/v_cache[slot // block_size, slot % block_size] = key/value[t] for every t with a slot >= 0;
-    key, value [T, num_kv_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim]; in place."""
+    key, value [T, num_kv_heads, head_dim]; caches [num_blocks, block_size, num_kv_heads, head_dim]; in place.
+    force_triton: the Triton kernel whatever the device (on CPU tensors, Triton's interpreter runs it)."""
     if (key.dim() != 3 or value.shape != key.shape or k_cache.dim() != 4 or v_cache.shape != k_cache.shape
             or k_cache.shape[2:] != key.shape[1:] or slot_mapping.shape != key.shape[:1]):
         raise ValueError(f"expected key/value [T, nkv, d], caches [blocks, block_size, nkv, d], slot_mapping [T]; got "
                          f"{tuple(key.shape)}, {tuple(value.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}, "
                          f"{tuple(slot_mapping.shape)}")
-    if key.is_cuda:
+    if key.is_cuda or force_triton:
         if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
             raise ValueError("k_cache and v_cache must share strides, with a unit stride on head_dim")
         store_kvcache_triton(key, value, k_cache, v_cache, slot_mapping)

@@ -6,8 +6,8 @@ padding (any value, never read); context_lens int32 [B]: the tokens in the cache
 including those of the current step. Query head h reads kv head h // (num_heads // num_kv_heads), as
 transformers' repeat_kv does.
 
-- decode (one new token per sequence): `paged_decode_attention` runs the Triton kernel on CUDA and
-  `paged_decode_attention_torch`, its batched reference, elsewhere;
+- decode (one new token per sequence): `paged_decode_attention` runs the Triton kernel on CUDA (or where
+  asked to) and `paged_decode_attention_torch`, its batched reference, elsewhere;
 - prefill of new tokens after a cached prefix (prefix-cache hits, chunked prefill, recompute after
   preemption): `paged_prefill_attention_torch` (flash-attn's varlen kernel does it on GPU when installed).
 
@@ -156,13 +156,14 @@ def paged_decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+                           context_lens: torch.Tensor, scale: float, force_triton: bool = False) -> torch.Tensor:
     """softmax(q k^T * scale) v for one query token per sequence over its whole cached context.
-    q [B, num_heads, head_dim] -> [B, num_heads, head_dim] in q's dtype; softmax in fp32."""
+    q [B, num_heads, head_dim] -> [B, num_heads, head_dim] in q's dtype; softmax in fp32. force_triton: the
+    Triton kernel whatever the device (on CPU tensors, Triton's interpreter runs it)."""
     if q.dim() != 3 or k_cache.dim() != 4 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"expected q [B, nh, d] and caches [blocks, block_size, nkv, d] with nh a multiple of nkv; "
                          f"got {tuple(q.shape)} and {tuple(k_cache.shape)}")
-    if q.is_cuda:
+    if q.is_cuda or force_triton:
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)
 

@@ -17,12 +17,12 @@ import torch
 
 from promptcot_engine.attention.shared_prefix import SharedPrefixPlan, shared_prefix_decode_attention
 from promptcot_engine.attention.varlen import VarlenCausalAttention
-from promptcot_engine.kernels.kv_cache_store import store_kvcache, store_kvcache_triton
+from promptcot_engine.kernels.kv_cache_store import store_kvcache
 from promptcot_engine.kernels.paged_attention import (
     PagedGather,
     PagedPrefill,
+    paged_decode_attention,
     paged_decode_attention_torch,
-    paged_decode_attention_triton,
     paged_prefill_attention_torch,
 )
 
@@ -56,9 +56,8 @@ class PagedAttention:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         md = self.metadata
         k_cache, v_cache = self.kv_caches[layer_idx]
-        # the triton backend calls its kernels whatever the device: on CPU that is Triton's interpreter (tests)
-        store = store_kvcache_triton if self.backend == "triton" else store_kvcache
-        store(k, v, k_cache, v_cache, md.slot_mapping)
+        # the triton backend runs its kernels whatever the device: on CPU that is Triton's interpreter (tests)
+        store_kvcache(k, v, k_cache, v_cache, md.slot_mapping, force_triton=self.backend == "triton")
         if self.fresh is not None:
             return self.fresh(layer_idx, q, k, v)
         if md.is_prefill:
@@ -78,7 +77,8 @@ class PagedAttention:
                                           block_table=md.block_tables, softmax_scale=self.scale, causal=True)
             return out.squeeze(1)
         if self.backend == "triton":
-            return paged_decode_attention_triton(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale)
+            return paged_decode_attention(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale,
+                                          force_triton=True)
         if md.shared_prefix is not None:
             return shared_prefix_decode_attention(q, k_cache, v_cache, md.shared_prefix, self.scale)
         return paged_decode_attention_torch(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale,
