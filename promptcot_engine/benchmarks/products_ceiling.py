@@ -15,13 +15,19 @@ import torch
 from torch import nn
 
 
+def _linear_weights(model: nn.Module) -> dict[nn.Linear, int]:
+    """Every linear layer (the LM head included) with its weight's size: the FLOPs of one row are twice their sum."""
+    return {m: m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)}
+
+
 def products_flops(model: nn.Module, prompt_lens: list[int], n: int, tokens: int) -> int:
     """FLOPs of the matrix products the sampling needs at least: each prompt's tokens once (its n samples share
     them), each sample's generated tokens but the last (a token is read by the next step), and the LM head
     at each sampled position (a prompt's last position once for its n samples)."""
     samples = len(prompt_lens) * n
-    head = model.lm_head.in_features * model.lm_head.out_features
-    body = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)) - head
+    weights = _linear_weights(model)
+    head = weights[model.lm_head]
+    body = sum(weights.values()) - head
     body_rows = sum(prompt_lens) + tokens - samples
     head_rows = len(prompt_lens) + tokens - samples
     return 2 * (body_rows * body + head_rows * head)
@@ -32,9 +38,9 @@ def products_ceiling(model: nn.Module, rows: int, repeats: int = 3) -> float:
     """FLOP/s of the model's linear layers (the LM head included) on `rows` rows, best of `repeats` passes:
     every layer in turn, so that each reads its weight from memory as a decode step does."""
     param = next(model.parameters())
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears = _linear_weights(model)
     inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=param.dtype, device=param.device) for m in linears}
-    flops = 2 * rows * sum(m.in_features * m.out_features for m in linears)
+    flops = 2 * rows * sum(linears.values())
     seconds = []
     for _ in range(repeats + 1):  # the first pass warms up (oneDNN primitives, CUDA kernels)
         if param.is_cuda:
