@@ -84,17 +84,16 @@ def use_flash_stand_in(monkeypatch) -> None:
     (dict(num_kv_blocks=5, max_num_seqs=16), [250, 243, 238, 252, 200]),
 ])
 def test_flash_backend_calls_keep_transformers_tokens(tiny_llama_dir, monkeypatch, variant, prompt_lengths):
-    vocab = hf_model(tiny_llama_dir).config.vocab_size
+    reference = hf_model(tiny_llama_dir)  # transformers looks for an installed flash_attn when it loads a model
+    use_flash_stand_in(monkeypatch)
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", **variant)
+    assert llm.engine.runner.backend == "flash" and llm.engine.runner.block_size == 256
+    vocab = reference.config.vocab_size
     prompts = mixed_prompts(vocab)
     if prompt_lengths:
         g = torch.Generator().manual_seed(1)
         prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in prompt_lengths]
-    # transformers looks for an installed flash_attn when it loads a model: the reference runs first
-    expected = hf_greedy(hf_model(tiny_llama_dir), prompts, sorted(LLM(tiny_llama_dir).engine.eos_token_ids))
-    use_flash_stand_in(monkeypatch)
-    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", **variant)
-    assert llm.engine.runner.backend == "flash" and llm.engine.runner.block_size == 256
-    assert engine_greedy(llm, prompts) == expected
+    assert engine_greedy(llm, prompts) == hf_greedy(reference, prompts, sorted(llm.engine.eos_token_ids))
     if prompt_lengths:
         assert llm.engine.scheduler.num_preemptions > 0
 
