@@ -13,11 +13,15 @@ import torch
 _flash_attention_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
+def additive_key_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """visible [B, num_keys] bool -> the additive mask [B, 1, 1, num_keys]: 0 where visible, -inf elsewhere."""
+    mask = torch.zeros(*visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+    return mask[:, None, None, :]
+
+
 def key_length_mask(key_lens: torch.Tensor, num_keys: int, dtype: torch.dtype) -> torch.Tensor:
     """The additive mask [B, 1, 1, num_keys] (0 or -inf) that lets row b see its first key_lens[b] keys."""
-    hidden = torch.arange(num_keys, device=key_lens.device)[None, :] >= key_lens[:, None]
-    return torch.zeros(key_lens.shape[0], 1, 1, num_keys, dtype=dtype, device=key_lens.device).masked_fill(
-        hidden[:, None, None, :], float("-inf"))
+    return additive_key_mask(torch.arange(num_keys, device=key_lens.device)[None, :] < key_lens[:, None], dtype)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,

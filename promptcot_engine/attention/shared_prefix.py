@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from promptcot_engine.kernels.attention_states import attention_with_lse, key_length_mask, merge_attn_states
+from promptcot_engine.kernels.attention_states import additive_key_mask, attention_with_lse, merge_attn_states
 from promptcot_engine.kernels.paged_attention import PagedGather
 
 
@@ -23,12 +23,12 @@ class AttentionPart:
     """One part of the context for a set of query rows, with everything the layers reuse at this step."""
     gather: PagedGather
     key_lens: torch.Tensor  # [N] tokens of the part each row sees
-    key_mask: torch.Tensor  # key_length_mask(key_lens)
+    key_mask: torch.Tensor  # key_length_mask(key_lens), made from the gather's in_context
 
     @classmethod
     def build(cls, blocks: torch.Tensor, key_lens: torch.Tensor, block_size: int, dtype: torch.dtype) -> "AttentionPart":
-        return cls(PagedGather.plan(blocks, key_lens, block_size), key_lens,
-                   key_length_mask(key_lens, blocks.shape[1] * block_size, dtype))
+        gather = PagedGather.plan(blocks, key_lens, block_size)
+        return cls(gather, key_lens, additive_key_mask(gather.in_context, dtype))
 
 
 @dataclass
