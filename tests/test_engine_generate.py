@@ -56,6 +56,8 @@ def test_greedy_matches_transformers(tiny_model_dir, reference_runs):
     dict(enable_prefix_caching=False, block_size=8),
     dict(max_num_batched_tokens=7, block_size=4),  # every prompt prefilled in tiny chunks
     dict(max_num_seqs=3, block_size=16),
+    dict(cpu_decode_rows_memory_gb=0, block_size=8),  # decode gathers from the paged cache instead of rows
+    dict(cpu_decode_rows_memory_gb=1.5e-4, block_size=8, max_num_seqs=4),  # rows for the short prompts only
 ])
 def test_engine_paths_do_not_change_tokens(tiny_llama_dir, variant):
     llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", **variant)

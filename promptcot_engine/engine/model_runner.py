@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from promptcot_engine.attention.decode_rows import DecodeRows
 from promptcot_engine.attention.paged import AttentionMetadata, PagedAttention
 from promptcot_engine.attention.shared_prefix import plan_shared_prefix
 from promptcot_engine.attention.varlen import FLASH_DTYPES, flash_attn_available
@@ -62,6 +63,13 @@ class ModelRunner:
         if device.type == "cpu":
             use_onednn_linear(model)  # the engine's model only runs inference: its products go to oneDNN
         self.kv_caches = self._allocate_kv_cache()
+        self.decode_rows = None
+        rows_budget = self.kv_cache.numel() * self.kv_cache.element_size()
+        if config.cpu_decode_rows_memory_gb is not None:
+            rows_budget = int(config.cpu_decode_rows_memory_gb * GiB)
+        if device.type == "cpu" and self.backend == "torch" and rows_budget > 0:
+            self.decode_rows = DecodeRows(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.block_size,
+                                          dtype, rows_budget, max_rows=config.max_num_seqs)
         self.cuda_graphs = None
         # the torch backend plans its decode from the block tables on the host each step: nothing to capture
         if self.backend in ("triton", "flash") and device.type == "cuda" and not config.enforce_eager:
@@ -155,7 +163,10 @@ class ModelRunner:
         if batch.is_prefill and metadata.has_cached_context and self.backend != "flash":
             metadata.paged_prefill = PagedPrefill.plan(metadata.cu_seqlens_q, metadata.block_tables,
                                                        metadata.context_lens, bs, metadata.max_seqlen_q)
-        if not batch.is_prefill and self.backend == "torch":
+        if not batch.is_prefill and self.decode_rows is not None:
+            metadata.decode_rows = self.decode_rows.plan([s.seq_id for s in batch.seqs], context_lens,
+                                                         [s.block_table for s in batch.seqs])
+        if not batch.is_prefill and self.backend == "torch" and metadata.decode_rows is None:
             metadata.shared_prefix = plan_shared_prefix([s.block_table for s in batch.seqs], context_lens, bs, dev,
                                                          self.dtype)
             if metadata.shared_prefix is None:
