@@ -145,29 +145,31 @@ class DecodeRows:
         narrower view is a strided operand, several times slower in bf16), keeping what they hold. False when
         that does not fit in the budget.
 
-        The storage is allocated with room to spare and the rows are moved within it, one (K or V, layer)
-        chunk at a time through a copy of that chunk: a fresh allocation at every step of capacity would pay
-        the page faults of the whole rows again (most of the cost on this path). Chunks move towards the end
-        when they grow, so the move runs from the last chunk down (and from the first up when they shrink):
-        a chunk's new place then overlaps only its own old place and those of chunks already moved. Fresh
-        storage is zeroed, and only keys and values are ever written to it, so whatever lies past a row's
-        length is finite (a zero softmax weight times NaN would be NaN)."""
+        The storage is allocated uninitialized with room to spare (virtual memory: a page costs its fault only
+        when a layout reaches it), and the rows are moved within it one (K or V, layer) chunk at a time
+        through a copy of that chunk: a fresh allocation at every step of capacity would pay the page faults
+        of all the rows again. Chunks move towards the end when they grow, so the move runs from the last
+        chunk down (from the first up when they shrink): a chunk's new place then overlaps only its own old
+        place and those of chunks already moved. Whatever a chunk did not hold before is zeroed: what lies past
+        a row's length must be finite (a zero softmax weight times NaN is NaN)."""
         need = self.elements_for(rows, capacity)
         if need > self.max_elements:
             return False
-        kept_rows, kept = min(rows, self.num_rows), min(capacity, self.capacity)
         old = self.layout(self.num_rows, self.capacity) if self.storage is not None else None
-        if old is None or need > self.storage.numel():
-            self.storage, old_storage = torch.zeros(min(2 * need, self.max_elements), dtype=self.dtype), self.storage
+        in_place = old is not None and need <= self.storage.numel()
+        if not in_place:
+            self.storage = torch.empty(min(4 * need, self.max_elements), dtype=self.dtype)
+        kept_rows, kept = min(rows, self.num_rows), min(capacity, self.capacity)
+        new = self.layout(rows, capacity)
+        chunks = [(kv, layer) for kv in range(2) for layer in range(self.shape[0])]
+        if in_place and rows * capacity > self.num_rows * self.capacity:
+            chunks.reverse()
+        for kv, layer in chunks:
+            chunk = new[kv, layer]
             if old is not None:
-                self.layout(rows, capacity)[:, :, :kept_rows, :, :kept] = old[:, :, :kept_rows, :, :kept]
-            del old_storage
-        else:
-            new = self.layout(rows, capacity)
-            chunks = [(kv, layer) for kv in range(2) for layer in range(self.shape[0])]
-            if rows * capacity > self.num_rows * self.capacity:
-                chunks.reverse()
-            for kv, layer in chunks:
-                new[kv, layer, :kept_rows, :, :kept] = old[kv, layer, :kept_rows, :, :kept].clone()
+                held = old[kv, layer, :kept_rows, :, :kept]
+                chunk[:kept_rows, :, :kept] = held.clone() if in_place else held
+            chunk[:kept_rows, :, kept:] = 0
+            chunk[kept_rows:] = 0
         self.num_rows, self.capacity = rows, capacity
         return True
