@@ -32,6 +32,7 @@ CAPACITY_STEP_TOKENS = 32
 class DecodeRowsStep:
     """One decode step's view of the rows, built once and used by every layer."""
     slot_of_seq: torch.Tensor  # [B] int64: the row of each batch sequence
+    in_slot_order: bool  # batch sequence i holds row i, and no other row takes part: no reordering
     positions: torch.Tensor  # [B] int64: where the new token goes in its row (context_len - 1)
     fill_slots: torch.Tensor | None  # rows (re)filled from the paged cache at this step
     fill_gather: PagedGather | None  # their blocks
@@ -57,14 +58,15 @@ class DecodeRowsStep:
         B, num_heads, head_dim = q.shape
         S, heads, width = self.num_slots, rows_k.shape[1], self.width
         group = num_heads // heads
-        grouped_q = q.new_zeros(S, heads, group, head_dim, dtype=rows_k.dtype)
-        grouped_q[self.slot_of_seq] = q.view(B, heads, group, head_dim).to(rows_k.dtype)
+        grouped_q = q.view(B, heads, group, head_dim).to(rows_k.dtype)
+        if not self.in_slot_order:
+            grouped_q = q.new_zeros(S, heads, group, head_dim, dtype=rows_k.dtype).index_copy_(0, self.slot_of_seq, grouped_q)
         keys = rows_k[:S, :, :width].view(S * heads, width, head_dim)  # no copy: a row is [heads, capacity, dim]
         values = rows_v[:S, :, :width].view(S * heads, width, head_dim)
         scores = torch.bmm(grouped_q.view(S * heads, group, head_dim), keys.transpose(1, 2)).float()
         weights = torch.softmax(scores.mul_(scale).add_(self.key_mask), dim=-1).to(rows_k.dtype)
         out = torch.bmm(weights, values).view(S, num_heads, head_dim)
-        return out[self.slot_of_seq].to(q.dtype)
+        return (out if self.in_slot_order else out[self.slot_of_seq]).to(q.dtype)
 
 
 class DecodeRows:
@@ -136,7 +138,7 @@ class DecodeRows:
             fill_slots = torch.tensor([slots[i] for i in fill])
             fill_width = table_width * bs
         return DecodeRowsStep(
-            slot_of_seq=torch.tensor(slots), positions=torch.tensor(context_lens) - 1, fill_slots=fill_slots,
+            slot_of_seq=torch.tensor(slots), in_slot_order=slots == list(range(num_slots)), positions=torch.tensor(context_lens) - 1, fill_slots=fill_slots,
             fill_gather=fill_gather, fill_width=fill_width, num_slots=num_slots, width=width, key_mask=key_mask,
             rows_k=self.layout(self.num_rows, self.capacity)[0], rows_v=self.layout(self.num_rows, self.capacity)[1])
 
