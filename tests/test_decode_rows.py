@@ -84,17 +84,19 @@ def test_rows_follow_joins_leaves_and_layout_changes(dtype, tol, num_heads, num_
     for seq_id, length in ((0, 5), (1, 70), (2, 1)):
         history.prefill(seq_id, length)
     capacities = []
-    batches = [[0, 1, 2]] * 3 + [[0, 2]] * 2 + [[0, 2, 3, 4, 5, 6]] * 3 + [[2, 4, 6]] * 2 + [[1, 2, 4]] * 2
+    batches = [[0, 1, 2]] * 3 + [[0, 2]] * 2 + [[0, 2, 3, 4, 5, 6]] * 3 + [[2, 4, 6]] * 2 + [[6]] + [[1, 2, 6]] * 2
     for step_index, batch in enumerate(batches):
         for seq_id in batch:
             if seq_id not in history.keys:
                 history.prefill(seq_id, 3 + 7 * seq_id)
-        decode_step(rows, history, batch, num_heads, head_dim, tol)
+        step = decode_step(rows, history, batch, num_heads, head_dim, tol)
+        assert step.num_slots <= 2 * len(batch)  # rows left by finished sequences are not read: compacted
         capacities.append(rows.capacity)
         assert sorted(rows.slot_of) == sorted(batch)  # sequences that left the batch lost their rows
         assert len(set(rows.slot_of.values())) == len(batch)
     # sequence 1 (the longest) left, so the rows shrank; it came back and was refilled from the paged cache
     assert capacities[3] < capacities[0] and capacities[-1] > capacities[9]
+    assert rows.slot_of[6] < 2  # moved down from row 5 when it decoded alone
     assert rows.num_rows >= 6
 
 

@@ -111,6 +111,8 @@ class DecodeRows:
         fill = [i for i, seq_id in enumerate(seq_ids) if seq_id not in self.slot_of]
         for i in fill:
             self.slot_of[seq_ids[i]] = free.pop(0) if free else len(self.slot_of)
+        if max(self.slot_of.values()) >= 2 * len(seq_ids):
+            self._compact(seq_ids)
         slots = [self.slot_of[s] for s in seq_ids]
         num_slots = max(slots) + 1
         bs, step = self.block_size, self.capacity_step
@@ -137,10 +139,24 @@ class DecodeRows:
                 torch.tensor([context_lens[i] for i in fill]), bs)
             fill_slots = torch.tensor([slots[i] for i in fill])
             fill_width = table_width * bs
+        rows_k, rows_v = self.layout(self.num_rows, self.capacity)
         return DecodeRowsStep(
-            slot_of_seq=torch.tensor(slots), in_slot_order=slots == list(range(num_slots)), positions=torch.tensor(context_lens) - 1, fill_slots=fill_slots,
-            fill_gather=fill_gather, fill_width=fill_width, num_slots=num_slots, width=width, key_mask=key_mask,
-            rows_k=self.layout(self.num_rows, self.capacity)[0], rows_v=self.layout(self.num_rows, self.capacity)[1])
+            slot_of_seq=torch.tensor(slots), in_slot_order=slots == list(range(num_slots)),
+            positions=torch.tensor(context_lens) - 1, fill_slots=fill_slots, fill_gather=fill_gather,
+            fill_width=fill_width, num_slots=num_slots, width=width, key_mask=key_mask, rows_k=rows_k, rows_v=rows_v)
+
+    def _compact(self, seq_ids: list[int]) -> None:
+        """Move the rows of sequences past the first len(seq_ids) rows into free rows below: the products run
+        over every row up to the highest in use, so rows left by finished sequences would otherwise be read
+        at every step until the sequences above them finish (the tail of a long generate call)."""
+        count = len(seq_ids)
+        free = sorted(set(range(count)) - set(self.slot_of.values()))
+        moves = [(self.slot_of[s], free.pop(0)) for s in seq_ids if self.slot_of[s] >= count]
+        rows = self.layout(self.num_rows, self.capacity)
+        rows[:, :, [new for _, new in moves]] = rows[:, :, [old for old, _ in moves]]
+        inverse = {old: new for old, new in moves}
+        for seq_id in seq_ids:
+            self.slot_of[seq_id] = inverse.get(self.slot_of[seq_id], self.slot_of[seq_id])
 
     def _relayout(self, rows: int, capacity: int) -> bool:
         """Lay the rows out as `rows` rows of exactly `capacity` tokens (the products read whole rows: a
