@@ -5,7 +5,7 @@ transformers' forward + log_softmax. Both sides run in the same test; the figure
 and recorded in the benchmark's extra_info, never asserted (the clock is the machine's). Asserted: both
 sides did the same work, and the score sides agree.
 
-Run: pytest bench/test_bench_engine.py --benchmark-only -s   (about 3 and 5 minutes on a 2-core CPU)
+Run: pytest bench/test_bench_engine.py --benchmark-only -s   (about 3 + 2 and 5 minutes on a 2-core CPU)
 """
 import pytest
 
@@ -14,8 +14,9 @@ from promptcot_engine.benchmarks.score import run_score_bench
 
 
 @pytest.mark.slow
-def test_bench_generate(benchmark, record_result):
-    result = benchmark.pedantic(run_generate_bench, rounds=1, iterations=1)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_generate(benchmark, record_result, dtype):
+    result = benchmark.pedantic(run_generate_bench, kwargs=dict(dtype=dtype), rounds=1, iterations=1)
     record_result(result)
     assert result["generated_tokens"] == result["hf_generated_tokens"] == 16 * 8 * 128
 
