@@ -38,7 +38,7 @@ class DecodeRowsStep:
     fill_gather: PagedGather | None  # their blocks
     fill_width: int  # tokens copied into each filled row (the gather's width)
     num_slots: int  # rows [0, num_slots) take part in the products (free ones in between are masked)
-    width: int  # keys read per row: the rows' capacity, the longest context rounded up to a block
+    width: int  # keys read per row: the rows' capacity (the longest context rounded up to a capacity step)
     key_mask: torch.Tensor  # [num_slots * num_kv_heads, 1, width] fp32, 0 or -inf
     rows_k: torch.Tensor  # the rows, [layers, slots, kv heads, capacity, head_dim]
     rows_v: torch.Tensor
@@ -60,7 +60,7 @@ class DecodeRowsStep:
         group = num_heads // heads
         grouped_q = q.view(B, heads, group, head_dim).to(rows_k.dtype)
         if not self.in_slot_order:
-            grouped_q = q.new_zeros(S, heads, group, head_dim, dtype=rows_k.dtype).index_copy_(0, self.slot_of_seq, grouped_q)
+            grouped_q = grouped_q.new_zeros(S, heads, group, head_dim).index_copy_(0, self.slot_of_seq, grouped_q)
         keys = rows_k[:S, :, :width].view(S * heads, width, head_dim)  # no copy: a row is [heads, capacity, dim]
         values = rows_v[:S, :, :width].view(S * heads, width, head_dim)
         scores = torch.bmm(grouped_q.view(S * heads, group, head_dim), keys.transpose(1, 2)).float()
@@ -117,8 +117,10 @@ class DecodeRows:
         num_slots = max(slots) + 1
         bs, step = self.block_size, self.capacity_step
         capacity = -(-max(context_lens) // step) * step
-        rows = self.num_rows if num_slots <= self.num_rows else min(max(num_slots, self.num_rows * 3 // 2), self.max_rows)
-        if (rows, capacity) != (self.num_rows, self.capacity) and not self._relayout(max(rows, num_slots), capacity):
+        rows = self.num_rows
+        if num_slots > rows:  # half again, so that sequences joining one by one do not move the rows each time
+            rows = max(num_slots, min(rows * 3 // 2, self.max_rows))
+        if (rows, capacity) != (self.num_rows, self.capacity) and not self._relayout(rows, capacity):
             self.release()
             return None
 
