@@ -63,5 +63,14 @@ def test_score_sides_agree_on_the_log_probs(tmp_path):
 def test_a_failing_side_reports_its_traceback(tmp_path):
     missing = tmp_path / "no-such-model"
     with pytest.raises(RuntimeError, match="no-such-model") as info:
-        run_side("promptcot_engine.benchmarks.score", "engine", ["--model", str(missing), "--device", "cpu"])
+        run_side("promptcot_engine.benchmarks.score", "engine",
+                 ["--model", str(missing), "--device", "cpu", "--dtype", "auto", "--num-pairs", "2",
+                  "--pairs-per-context", "1", "--context-len", "4", "--continuation-len", "4"])
     assert "engine side of promptcot_engine.benchmarks.score exited with status" in str(info.value)
+
+
+def test_a_side_needs_every_option():
+    """The sides take no defaults of their own: run_side's callers pass every option."""
+    with pytest.raises(RuntimeError, match="required: --k, --max-tokens"):
+        run_side("promptcot_engine.benchmarks.estep", "engine",
+                 ["--model", "m", "--device", "cpu", "--dtype", "auto", "--num-pairs", "1"])

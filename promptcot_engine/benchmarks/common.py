@@ -79,16 +79,16 @@ class PeakMemory:
         return status_mb("VmHWM") - self.baseline_mb
 
 
-def side_main(doc: str, engine_side, transformers_side, **int_options: int) -> None:
+def side_main(doc: str, engine_side, transformers_side, *int_options: str) -> None:
     """The entry point of a benchmark's side process (what run_side starts): --side, --model, --device, --dtype
-    and the benchmark's integer options (name=default); prints the side's result as one JSON line."""
+    and the benchmark's integer options, all required (run_side passes every one; the defaults live in the
+    benchmark's run_*_bench and its command); prints the side's result as one JSON line."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--side", choices=["engine", "transformers"], required=True)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    for name, default in int_options.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+    for name in ("model", "device", "dtype"):
+        parser.add_argument("--" + name, required=True)
+    for name in int_options:
+        parser.add_argument("--" + name.replace("_", "-"), type=int, required=True)
     args = parser.parse_args()
     print(json.dumps((engine_side if args.side == "engine" else transformers_side)(args)))
 

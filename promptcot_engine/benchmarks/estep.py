@@ -126,7 +126,7 @@ def run_estep_bench(model: str = "smollm2-135m-instruct", num_pairs: int = 16, k
 
 
 def main() -> None:
-    side_main(__doc__, _engine_side, _transformers_side, num_pairs=16, k=8, max_tokens=256)
+    side_main(__doc__, _engine_side, _transformers_side, "num_pairs", "k", "max_tokens")
 
 
 if __name__ == "__main__":

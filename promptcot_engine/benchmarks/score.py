@@ -90,8 +90,8 @@ def run_score_bench(model: str = "smollm2-135m-instruct", num_pairs: int = 64, p
 
 
 def main() -> None:
-    side_main(__doc__, _engine_side, _transformers_side, num_pairs=64, pairs_per_context=8,
-              context_len=512, continuation_len=512)
+    side_main(__doc__, _engine_side, _transformers_side, "num_pairs", "pairs_per_context", "context_len",
+              "continuation_len")
 
 
 if __name__ == "__main__":
