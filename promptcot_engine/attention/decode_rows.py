@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from promptcot_engine.kernels.attention_states import additive_key_mask
 from promptcot_engine.kernels.paged_attention import PagedGather
 
 CAPACITY_STEP_TOKENS = 32
@@ -129,8 +130,8 @@ class DecodeRows:
         width = self.capacity
         # a free row sees its first key (finite, never read back), so that no softmax row is empty (NaN)
         visible = torch.arange(width)[None, :] < lens.clamp_min(1)[:, None]
-        key_mask = torch.zeros(num_slots, width).masked_fill_(~visible, float("-inf"))
-        key_mask = key_mask[:, None, None, :].expand(num_slots, self.shape[1], 1, width).reshape(-1, 1, width)
+        key_mask = additive_key_mask(visible, torch.float32).expand(num_slots, self.shape[1], 1, width)
+        key_mask = key_mask.reshape(-1, 1, width)
         fill_slots = fill_gather = None
         fill_width = 0
         if fill:
