@@ -46,6 +46,11 @@ class PagedHistory:
             per_layer.append((k, v))
         return per_layer
 
+    def block_tables(self, seq_ids):
+        """The batch's tables padded as the engine pads them: [B, widest] int32."""
+        width = max(len(self.tables[s]) for s in seq_ids)
+        return torch.tensor([self.tables[s] + [0] * (width - len(self.tables[s])) for s in seq_ids], dtype=torch.int32)
+
     def prefill(self, seq_id, length):
         for _ in range(length):
             self.new_token_kv([seq_id])
@@ -64,7 +69,7 @@ class PagedHistory:
 
 def decode_step(rows, history, seq_ids, num_heads, head_dim, tol):
     kv = history.new_token_kv(seq_ids)
-    step = rows.plan(seq_ids, [len(history.keys[s][0]) for s in seq_ids], [history.tables[s] for s in seq_ids])
+    step = rows.plan(seq_ids, [len(history.keys[s][0]) for s in seq_ids], history.block_tables(seq_ids))
     assert step is not None
     scale = head_dim ** -0.5
     for layer, (k, v) in enumerate(kv):
@@ -122,9 +127,9 @@ def test_rows_that_do_not_fit_are_dropped():
     history.prefill(1, 3)
     rows = DecodeRows(1, 2, 16, 4, torch.float32, budget_bytes=2 * 2 * 48 * 16 * 4 + 64, max_rows=4)
     history.new_token_kv([1])
-    assert rows.plan([1], [4], [history.tables[1]]) is not None  # one short row fits
+    assert rows.plan([1], [4], history.block_tables([1])) is not None  # one short row fits
     history.new_token_kv([0, 1])
-    assert rows.plan([0, 1], [41, 5], [history.tables[0], history.tables[1]]) is None  # two rows of 64 do not
+    assert rows.plan([0, 1], [41, 5], history.block_tables([0, 1])) is None  # two rows of 64 do not
     assert rows.storage is None and not rows.slot_of
 
 

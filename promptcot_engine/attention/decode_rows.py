@@ -99,10 +99,10 @@ class DecodeRows:
         self.num_rows = self.capacity = 0
         self.slot_of.clear()
 
-    def plan(self, seq_ids: list[int], context_lens: list[int], block_tables: list[list[int]]) -> DecodeRowsStep | None:
+    def plan(self, seq_ids: list[int], context_lens: list[int], block_tables: torch.Tensor) -> DecodeRowsStep | None:
         """Give every sequence of this decode batch a row holding its context up to this step's token
-        (context_lens count it). None when the rows would not fit in the budget: the rows are dropped and
-        the caller reads the paged cache instead."""
+        (context_lens count it; block_tables: the batch's padded tables, [B, max_blocks]). None when the rows
+        would not fit in the budget: the rows are dropped and the caller reads the paged cache instead."""
         present = set(seq_ids)
         for seq_id in [s for s in self.slot_of if s not in present]:  # finished, preempted or not scheduled
             del self.slot_of[seq_id]
@@ -135,13 +135,11 @@ class DecodeRows:
         fill_slots = fill_gather = None
         fill_width = 0
         if fill:
-            tables = [block_tables[i][:-(-context_lens[i] // bs)] for i in fill]
-            table_width = max(len(t) for t in tables)
-            fill_gather = PagedGather.plan(
-                torch.tensor([t + [0] * (table_width - len(t)) for t in tables], dtype=torch.int64),
-                torch.tensor([context_lens[i] for i in fill]), bs)
+            fill_lens = [context_lens[i] for i in fill]
+            used_blocks = -(-max(fill_lens) // bs)  # whole blocks: within the capacity, a multiple of block_size
+            fill_gather = PagedGather.plan(block_tables[fill, :used_blocks], torch.tensor(fill_lens), bs)
             fill_slots = torch.tensor([slots[i] for i in fill])
-            fill_width = table_width * bs
+            fill_width = used_blocks * bs
         rows_k, rows_v = self.layout(self.num_rows, self.capacity)
         return DecodeRowsStep(
             slot_of_seq=torch.tensor(slots), in_slot_order=slots == list(range(num_slots)),

@@ -165,7 +165,7 @@ class ModelRunner:
                                                        metadata.context_lens, bs, metadata.max_seqlen_q)
         if not batch.is_prefill and self.decode_rows is not None:
             metadata.decode_rows = self.decode_rows.plan([s.seq_id for s in batch.seqs], context_lens,
-                                                         [s.block_table for s in batch.seqs])
+                                                         metadata.block_tables)
         if not batch.is_prefill and self.backend == "torch" and metadata.decode_rows is None:
             metadata.shared_prefix = plan_shared_prefix([s.block_table for s in batch.seqs], context_lens, bs, dev,
                                                          self.dtype)
