@@ -2,6 +2,7 @@
 collectives the trainer needs. A single process (no WORLD_SIZE > 1) runs everything as plain calls."""
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -47,7 +48,15 @@ def init_distributed(device: torch.device) -> DistributedContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Left to the interpreter's teardown, gloo's worker threads are destroyed while still joinable and the
+    # process aborts (SIGABRT, "terminate called without an active exception") after its work is done.
+    atexit.register(_leave_process_group)
     return DistributedContext(dist.get_rank(), dist.get_world_size())
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_model(loss_module: CausalLMLoss) -> None:
