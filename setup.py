@@ -1,4 +1,8 @@
-"""Build hook for the C API library in csrc/ (see csrc/README.md); metadata lives in pyproject.toml.
+"""Build hook for the C libraries in csrc/; metadata lives in pyproject.toml.
+
+- the C API library (see csrc/README.md);
+- the CPU decode-attention kernel (csrc/cpu_paged_attention.c, loaded by kernels/cpu_paged_attention.py),
+  a plain C library with OpenMP: without a compiler the engine runs the same attention as torch code.
 
 The library is a plain shared object (not a Python extension module) that embeds CPython, so it links libpython
 and bakes in the path of the python executable doing the build: run from any C program it starts that Python,
@@ -48,13 +52,23 @@ CAPI = Extension(
     **libpython_link_args(),
 )
 
+CPU_KERNEL = Extension(
+    "promptcot_engine.kernels.libcpu_paged_attention",
+    sources=["csrc/cpu_paged_attention.c"],
+    extra_compile_args=["-O3", "-fopenmp"],
+    extra_link_args=["-fopenmp"],
+    optional=True,
+)
+PLAIN_LIBRARIES = (CAPI, CPU_KERNEL)
 
-class BuildCapi(build_ext):
-    """Builds promptcot_engine/capi/libpromptcot_engine.so and ships the header beside it in the package."""
+
+class BuildLibraries(build_ext):
+    """Builds the plain shared libraries (not Python extension modules) and ships the C API's header beside
+    its library in the package."""
 
     def get_ext_filename(self, fullname):
         # asked with the full dotted name and with its last part alone: a plain .so either way, no ABI suffix
-        if CAPI.name.endswith(fullname):
+        if any(library.name.endswith(fullname) for library in PLAIN_LIBRARIES):
             return os.path.join(*fullname.split(".")) + ".so"
         return super().get_ext_filename(fullname)
 
@@ -62,14 +76,20 @@ class BuildCapi(build_ext):
         try:
             super().build_extension(ext)
         except (CCompilerError, CompileError, ExecError, LinkError, PlatformError, OSError) as e:
-            print(f"\nWARNING: the promptcot_engine C API library was NOT built ({e}).\n"
-                  "It needs a C compiler and the Python headers (e.g. apt-get install gcc python3-dev). The Python "
-                  "package is installed without it; the C API and its tests fail until it is built.\n",
-                  file=sys.stderr)
+            if ext is CAPI:
+                print(f"\nWARNING: the promptcot_engine C API library was NOT built ({e}).\n"
+                      "It needs a C compiler and the Python headers (e.g. apt-get install gcc python3-dev). The "
+                      "Python package is installed without it; the C API and its tests fail until it is built.\n",
+                      file=sys.stderr)
+            else:
+                print(f"\nWARNING: the CPU decode-attention kernel was NOT built ({e}); decode attention on CPU "
+                      "runs as torch code, slower.\n", file=sys.stderr)
+            return
+        if ext is not CAPI:
             return
         include = os.path.join(self.build_lib, "promptcot_engine", "capi", "include")
         os.makedirs(include, exist_ok=True)
         shutil.copy(HEADER, include)
 
 
-setup(ext_modules=[CAPI], cmdclass={"build_ext": BuildCapi})
+setup(ext_modules=list(PLAIN_LIBRARIES), cmdclass={"build_ext": BuildLibraries})

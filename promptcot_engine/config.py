@@ -24,9 +24,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True disables CUDA graphs for decode
     attention_backend: str = "auto"
-    # CPU decode reads contiguous copies of the running sequences' KV (attention/decode_rows.py), in at most
-    # this much memory; None: as much as the KV cache takes, 0: off (decode gathers from the paged cache)
-    cpu_decode_rows_memory_gb: float | None = None
+    # decode attention on CPU through the C kernel (kernels/cpu_paged_attention.py) where it is built and takes
+    # the model's shapes; False: the batched torch path (tests, comparisons)
+    cpu_decode_kernel: bool = True
 
     def __post_init__(self):
         def bad(name: str, rule: str):
@@ -50,7 +50,5 @@ class EngineConfig:
             bad("gpu_memory_utilization", "in (0, 1]")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             bad("max_model_len", "a positive integer")
-        if self.cpu_decode_rows_memory_gb is not None and not self.cpu_decode_rows_memory_gb >= 0:
-            bad("cpu_decode_rows_memory_gb", ">= 0")
         if self.attention_backend not in ATTENTION_BACKENDS:
             bad("attention_backend", f"one of {', '.join(ATTENTION_BACKENDS)}")

@@ -6,9 +6,9 @@ Every step first stores the new tokens' K/V at their slots, then attends:
 - prefill with a cached prefix (prefix cache hit, a later chunk, a recompute): queries attend to the
   sequence's cached tokens through its block table (flash-attn varlen with block_table on CUDA; a
   batched torch path otherwise);
-- decode, one query per sequence: flash_attn_with_kvcache, the Triton paged-decode kernel, or on CPU
-  contiguous per-sequence rows kept beside the cache (attention/decode_rows.py); where those do not fit, the
-  batched torch path, which reads a prefix shared by several sequences (n > 1 samples) only once.
+- decode, one query per sequence: flash_attn_with_kvcache, the Triton paged-decode kernel, or on CPU the C
+  kernel (kernels/cpu_paged_attention.py); where none applies, the batched torch path, which reads a prefix
+  shared by several sequences (n > 1 samples) only once.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from promptcot_engine.attention.decode_rows import DecodeRowsStep
 from promptcot_engine.attention.shared_prefix import SharedPrefixPlan, shared_prefix_decode_attention
 from promptcot_engine.attention.varlen import VarlenCausalAttention
+from promptcot_engine.kernels.cpu_paged_attention import paged_decode_attention_cpu
 from promptcot_engine.kernels.kv_cache_store import store_kvcache
 from promptcot_engine.kernels.paged_attention import (
     PagedGather,
@@ -39,7 +39,7 @@ class AttentionMetadata:
     max_seqlen_q: int
     max_context_len: int
     has_cached_context: bool  # some sequence attends to tokens computed in an earlier step
-    decode_rows: DecodeRowsStep | None = None  # decode on CPU, while the rows fit their budget
+    cpu_decode_kernel: bool = False  # decode on CPU through the C kernel
     shared_prefix: SharedPrefixPlan | None = None  # decode on the torch backend otherwise, when sequences share blocks
     paged_gather: PagedGather | None = None  # decode on the torch backend otherwise: built once for all layers
     paged_prefill: PagedPrefill | None = None  # prefill over cached context without flash-attn: likewise
@@ -82,8 +82,8 @@ class PagedAttention:
         if self.backend == "triton":
             return paged_decode_attention(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale,
                                           force_triton=True)
-        if md.decode_rows is not None:
-            return md.decode_rows.attend(layer_idx, q, k, v, k_cache, v_cache, self.scale)
+        if md.cpu_decode_kernel:
+            return paged_decode_attention_cpu(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale)
         if md.shared_prefix is not None:
             return shared_prefix_decode_attention(q, k_cache, v_cache, md.shared_prefix, self.scale)
         return paged_decode_attention_torch(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale,

@@ -133,8 +133,6 @@ class LLMEngine:
                     self._finish(seq, "stop", None)
         if sample_seqs:
             self._sample(sample_seqs, logits, batch.is_prefill)  # reads the sampled tokens: waits for the device
-        if not self.has_unfinished() and self.runner.decode_rows is not None:
-            self.runner.decode_rows.release()  # all work done: hand the rows' memory back
         elapsed = time.perf_counter() - start
         if batch.is_prefill:
             stats.prefill_seconds += elapsed

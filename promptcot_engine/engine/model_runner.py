@@ -7,7 +7,6 @@ import os
 
 import torch
 
-from promptcot_engine.attention.decode_rows import DecodeRows
 from promptcot_engine.attention.paged import AttentionMetadata, PagedAttention
 from promptcot_engine.attention.shared_prefix import plan_shared_prefix
 from promptcot_engine.attention.varlen import FLASH_DTYPES, flash_attn_available
@@ -16,6 +15,7 @@ from promptcot_engine.engine.scheduler import ScheduledBatch
 from promptcot_engine.engine.sequence import Sequence
 from promptcot_engine.errors import InputError
 from promptcot_engine.kernels.cpu_linear import use_onednn_linear
+from promptcot_engine.kernels.cpu_paged_attention import cpu_decode_kernel_applies
 from promptcot_engine.kernels.fused_logprob import linear_logprob
 from promptcot_engine.kernels.paged_attention import PagedGather, PagedPrefill
 from promptcot_engine.models.decoder import DecoderForCausalLM
@@ -63,13 +63,9 @@ class ModelRunner:
         if device.type == "cpu":
             use_onednn_linear(model)  # the engine's model only runs inference: its products go to oneDNN
         self.kv_caches = self._allocate_kv_cache()
-        self.decode_rows = None
-        rows_budget = self.kv_cache.numel() * self.kv_cache.element_size()
-        if config.cpu_decode_rows_memory_gb is not None:
-            rows_budget = int(config.cpu_decode_rows_memory_gb * GiB)
-        if device.type == "cpu" and self.backend == "torch" and rows_budget > 0:
-            self.decode_rows = DecodeRows(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, self.block_size,
-                                          dtype, rows_budget, max_rows=config.max_num_seqs)
+        # decode on CPU: the C kernel reads the paged cache where it is built and takes the model's shapes
+        self.cpu_decode_kernel = (self.backend == "torch" and config.cpu_decode_kernel
+                                  and cpu_decode_kernel_applies(self.kv_cache[0, 0, 0], self.kv_cache[0, 0]))
         self.cuda_graphs = None
         # the torch backend plans its decode from the block tables on the host each step: nothing to capture
         if self.backend in ("triton", "flash") and device.type == "cuda" and not config.enforce_eager:
@@ -163,10 +159,8 @@ class ModelRunner:
         if batch.is_prefill and metadata.has_cached_context and self.backend != "flash":
             metadata.paged_prefill = PagedPrefill.plan(metadata.cu_seqlens_q, metadata.block_tables,
                                                        metadata.context_lens, bs, metadata.max_seqlen_q)
-        if not batch.is_prefill and self.decode_rows is not None:
-            metadata.decode_rows = self.decode_rows.plan([s.seq_id for s in batch.seqs], context_lens,
-                                                         metadata.block_tables)
-        if not batch.is_prefill and self.backend == "torch" and metadata.decode_rows is None:
+        metadata.cpu_decode_kernel = not batch.is_prefill and self.cpu_decode_kernel
+        if not batch.is_prefill and self.backend == "torch" and not self.cpu_decode_kernel:
             metadata.shared_prefix = plan_shared_prefix([s.block_table for s in batch.seqs], context_lens, bs, dev,
                                                          self.dtype)
             if metadata.shared_prefix is None:

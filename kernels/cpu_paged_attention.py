@@ -1,0 +1,76 @@
+"""Paged decode attention on the CPU in C (csrc/cpu_paged_attention.c), called through ctypes.
+
+The CPU's counterpart of the Triton decode kernel in paged_attention.py, with the same contract and the same
+torch reference (`paged_decode_attention_torch`): one query token per sequence reads its keys and values
+from the paged cache through its block table; fp32 or bf16 caches, fp32 arithmetic. It exists because the
+same work as torch ops costs one small batched matrix product per sequence and KV head, whose fixed cost
+dominates at decode (see the C file). The library is built with the package (setup.py) where a C compiler
+is found; `CPU_DECODE_KERNEL_AVAILABLE` says whether it was, and the engine runs torch code where it was not.
+
+Loaded after torch on purpose: its OpenMP runtime then binds to the libgomp torch already loaded, so both
+share one thread pool and `torch.set_num_threads` applies to it.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+LIBRARY_PATH = Path(__file__).with_name("libcpu_paged_attention.so")
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _load() -> ctypes.CDLL | None:
+    if not LIBRARY_PATH.is_file():
+        return None
+    library = ctypes.CDLL(str(LIBRARY_PATH))
+    fn = library.pce_cpu_paged_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_int] * 4
+                   + [ctypes.c_int64, ctypes.c_float, ctypes.c_int])
+    return library
+
+
+_LIBRARY = _load()
+CPU_DECODE_KERNEL_AVAILABLE = _LIBRARY is not None
+
+
+def cpu_decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Built, CPU tensors of one dtype it takes (fp32, bf16), a head size it takes (a multiple of 16, <= 256)."""
+    head_dim = q.shape[-1]
+    return (CPU_DECODE_KERNEL_AVAILABLE and q.device.type == "cpu" and k_cache.device.type == "cpu"
+            and q.dtype == k_cache.dtype and q.dtype in DTYPE_CODES and head_dim % 16 == 0 and head_dim <= 256)
+
+
+def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                               out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [B, num_heads, head_dim] -> [B, num_heads, head_dim] (into `out` when given: contiguous, q's shape and
+    dtype); the paged_decode_attention contract. Like the Triton kernel it trusts the block tables: every
+    block a context reaches must be in the cache."""
+    if not cpu_decode_kernel_applies(q, k_cache):
+        raise RuntimeError(f"the CPU decode-attention kernel does not take q {q.dtype} {tuple(q.shape)} on {q.device} "
+                           f"with a {k_cache.dtype} cache on {k_cache.device} (or is not built: {LIBRARY_PATH})")
+    B, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    q = q.contiguous()
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # views of one layer: already contiguous
+    block_tables = block_tables.to(torch.int32).contiguous()
+    context_lens = context_lens.to(torch.int32).contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
+    if B == 0:
+        return out
+    status = _LIBRARY.pce_cpu_paged_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
+        out.data_ptr(), B, num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1], scale,
+        DTYPE_CODES[q.dtype])
+    if status == -1:
+        raise MemoryError("paged_decode_attention_cpu: no memory for its per-thread buffers")
+    if status != 0:
+        raise ValueError(f"paged_decode_attention_cpu: shapes it does not take: q {tuple(q.shape)}, "
+                         f"cache {tuple(k_cache.shape)}")
+    return out
