@@ -1,8 +1,9 @@
 """Build hook for the C libraries in csrc/; metadata lives in pyproject.toml.
 
 - the C API library (see csrc/README.md);
-- the CPU decode-attention kernel (csrc/cpu_paged_attention.c, loaded by kernels/cpu_paged_attention.py),
-  a plain C library with OpenMP: without a compiler the engine runs the same attention as torch code.
+- the engine's CPU kernels (csrc/cpu/: decode attention, the KV-cache store, RMSNorm, rotary, SiLU-and-mul;
+  loaded by kernels/cpu_library.py), a plain C library with OpenMP: without a compiler the engine runs the
+  same operations as torch code.
 
 The library is a plain shared object (not a Python extension module) that embeds CPython, so it links libpython
 and bakes in the path of the python executable doing the build: run from any C program it starts that Python,
@@ -14,6 +15,7 @@ import shlex
 import shutil
 import sys
 import sysconfig
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -52,14 +54,16 @@ CAPI = Extension(
     **libpython_link_args(),
 )
 
-CPU_KERNEL = Extension(
-    "promptcot_engine.kernels.libcpu_paged_attention",
-    sources=["csrc/cpu_paged_attention.c"],
+CPU_KERNELS = Extension(
+    "promptcot_engine.kernels.libpromptcot_cpu",
+    sources=sorted(str(p) for p in Path("csrc/cpu").glob("*.c")),
+    depends=["csrc/cpu/vector.h"],
+    include_dirs=["csrc/cpu"],
     extra_compile_args=["-O3", "-fopenmp"],
     extra_link_args=["-fopenmp"],
     optional=True,
 )
-PLAIN_LIBRARIES = (CAPI, CPU_KERNEL)
+PLAIN_LIBRARIES = (CAPI, CPU_KERNELS)
 
 
 class BuildLibraries(build_ext):
@@ -82,8 +86,8 @@ class BuildLibraries(build_ext):
                       "Python package is installed without it; the C API and its tests fail until it is built.\n",
                       file=sys.stderr)
             else:
-                print(f"\nWARNING: the CPU decode-attention kernel was NOT built ({e}); decode attention on CPU "
-                      "runs as torch code, slower.\n", file=sys.stderr)
+                print(f"\nWARNING: the engine's CPU kernels were NOT built ({e}); on CPU the engine runs the same "
+                      "operations as torch code, slower.\n", file=sys.stderr)
             return
         if ext is not CAPI:
             return

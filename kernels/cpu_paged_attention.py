@@ -1,46 +1,22 @@
-"""Paged decode attention on the CPU in C (csrc/cpu_paged_attention.c), called through ctypes.
+"""Paged decode attention on the CPU in C (csrc/cpu/paged_attention.c), through kernels/cpu_library.py.
 
 The CPU's counterpart of the Triton decode kernel in paged_attention.py, with the same contract and the same
 torch reference (`paged_decode_attention_torch`): one query token per sequence reads its keys and values
 from the paged cache through its block table; fp32 or bf16 caches, fp32 arithmetic. It exists because the
 same work as torch ops costs one small batched matrix product per sequence and KV head, whose fixed cost
-dominates at decode (see the C file). The library is built with the package (setup.py) where a C compiler
-is found; `CPU_DECODE_KERNEL_AVAILABLE` says whether it was, and the engine runs torch code where it was not.
-
-Loaded after torch on purpose: its OpenMP runtime then binds to the libgomp torch already loaded, so both
-share one thread pool and `torch.set_num_threads` applies to it.
+dominates at decode (see the C file).
 """
 from __future__ import annotations
 
-import ctypes
-from pathlib import Path
-
 import torch
 
-LIBRARY_PATH = Path(__file__).with_name("libcpu_paged_attention.so")
-DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
-
-
-def _load() -> ctypes.CDLL | None:
-    if not LIBRARY_PATH.is_file():
-        return None
-    library = ctypes.CDLL(str(LIBRARY_PATH))
-    fn = library.pce_cpu_paged_decode_attention
-    fn.restype = ctypes.c_int
-    fn.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_int] * 4
-                   + [ctypes.c_int64, ctypes.c_float, ctypes.c_int])
-    return library
-
-
-_LIBRARY = _load()
-CPU_DECODE_KERNEL_AVAILABLE = _LIBRARY is not None
+from promptcot_engine.kernels.cpu_library import DTYPE_CODES, LIBRARY_PATH, library, takes
 
 
 def cpu_decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Built, CPU tensors of one dtype it takes (fp32, bf16), a head size it takes (a multiple of 16, <= 256)."""
     head_dim = q.shape[-1]
-    return (CPU_DECODE_KERNEL_AVAILABLE and q.device.type == "cpu" and k_cache.device.type == "cpu"
-            and q.dtype == k_cache.dtype and q.dtype in DTYPE_CODES and head_dim % 16 == 0 and head_dim <= 256)
+    return takes(q, k_cache) and head_dim % 16 == 0 and head_dim <= 256
 
 
 def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -64,7 +40,7 @@ def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
     if B == 0:
         return out
-    status = _LIBRARY.pce_cpu_paged_decode_attention(
+    status = library.pce_cpu_paged_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
         out.data_ptr(), B, num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1], scale,
         DTYPE_CODES[q.dtype])

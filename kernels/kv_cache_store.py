@@ -5,14 +5,17 @@ Cache layout (per layer, shared with flash-attn's paged kernels): k_cache and v_
 block_id * block_size + offset; a negative slot means "do not store" (padding tokens, e.g. the
 rows a captured CUDA graph runs for absent sequences).
 
-`store_kvcache` runs the Triton kernel on CUDA (or where asked to) and `store_kvcache_torch`, its
-reference, elsewhere.
+`store_kvcache` runs the Triton kernel on CUDA (or where asked to), the C one on CPU where the CPU kernels
+are built (csrc/cpu/kv_cache_store.c: one copy per token, where the torch path costs several ops per layer),
+and `store_kvcache_torch`, the reference of both, elsewhere.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from promptcot_engine.kernels import cpu_library
 
 
 @triton.jit
@@ -66,6 +69,21 @@ def store_kvcache_torch(key: torch.Tensor, value: torch.Tensor, k_cache: torch.T
     v_cache[blocks, offsets] = value[keep].to(v_cache.dtype)
 
 
+def store_kvcache_cpu(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      slot_mapping: torch.Tensor) -> None:
+    """The C store: caches contiguous; key/value rows (one token's heads) contiguous, of the cache's dtype."""
+    if not (key.dtype == value.dtype == k_cache.dtype == v_cache.dtype and k_cache.is_contiguous()
+            and v_cache.is_contiguous()):
+        raise ValueError(f"store_kvcache_cpu copies bytes: key/value dtype {key.dtype}/{value.dtype} must be the "
+                         f"caches' ({k_cache.dtype}/{v_cache.dtype}), and the caches contiguous")
+    key = key if key.stride(-1) == 1 and key.stride(-2) == key.shape[-1] else key.contiguous()
+    value = value if value.stride(-1) == 1 and value.stride(-2) == value.shape[-1] else value.contiguous()
+    slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    cpu_library.library.pce_cpu_store_kvcache(
+        key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slot_mapping.data_ptr(),
+        key.shape[0], key.shape[1] * key.shape[2], key.stride(0), value.stride(0), key.element_size())
+
+
 def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   slot_mapping: torch.Tensor, force_triton: bool = False) -> None:
     """k_cache/v_cache[slot // block_size, slot % block_size] = key/value[t] for every t with a slot >= 0;
@@ -80,5 +98,7 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
             raise ValueError("k_cache and v_cache must share strides, with a unit stride on head_dim")
         store_kvcache_triton(key, value, k_cache, v_cache, slot_mapping)
+    elif cpu_library.takes(key, value, k_cache, v_cache) and k_cache.is_contiguous() and v_cache.is_contiguous():
+        store_kvcache_cpu(key, value, k_cache, v_cache, slot_mapping)
     else:
         store_kvcache_torch(key, value, k_cache, v_cache, slot_mapping)

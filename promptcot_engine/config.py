@@ -24,9 +24,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True disables CUDA graphs for decode
     attention_backend: str = "auto"
-    # decode attention on CPU through the C kernel (kernels/cpu_paged_attention.py) where it is built and takes
-    # the model's shapes; False: the batched torch path (tests, comparisons)
-    cpu_decode_kernel: bool = True
+    # on CPU, the C kernels where built (decode attention, RMSNorm, rotary, SiLU-and-mul: csrc/cpu/) in place of
+    # torch ops; False: torch ops throughout (the references; the KV store's exact C copy stays)
+    cpu_kernels: bool = True
 
     def __post_init__(self):
         def bad(name: str, rule: str):

@@ -8,7 +8,7 @@ import torch
 from promptcot_engine import LLM, SamplingParams
 from promptcot_engine.engine.cuda_graph import StaticDecodeInputs
 from promptcot_engine.errors import InputError
-from promptcot_engine.kernels.cpu_paged_attention import CPU_DECODE_KERNEL_AVAILABLE
+from promptcot_engine.kernels.cpu_library import CPU_KERNELS_AVAILABLE
 from tests.reference import hf_model
 
 MAX_NEW = 24
@@ -45,7 +45,7 @@ def reference_runs():
 
 def test_greedy_matches_transformers(tiny_model_dir, reference_runs):
     llm = LLM(tiny_model_dir, dtype="float32", device="cpu", block_size=8, seed=0)
-    assert llm.engine.runner.cpu_decode_kernel == CPU_DECODE_KERNEL_AVAILABLE  # decode runs the C kernel when built
+    assert llm.engine.runner.cpu_decode_kernel == CPU_KERNELS_AVAILABLE  # decode runs the C kernel when built
     prompts = mixed_prompts(llm.engine.model.config.vocab_size)
     expected = hf_greedy(hf_model(tiny_model_dir), prompts, sorted(llm.engine.eos_token_ids))
     assert engine_greedy(llm, prompts) == expected
@@ -58,8 +58,8 @@ def test_greedy_matches_transformers(tiny_model_dir, reference_runs):
     dict(enable_prefix_caching=False, block_size=8),
     dict(max_num_batched_tokens=7, block_size=4),  # every prompt prefilled in tiny chunks
     dict(max_num_seqs=3, block_size=16),
-    dict(cpu_decode_kernel=False, block_size=8),  # decode on the batched torch path instead of the C kernel
-    dict(cpu_decode_kernel=False, max_num_seqs=4, block_size=4),
+    dict(cpu_kernels=False, block_size=8),  # torch ops instead of the C kernels (decode on the batched torch path)
+    dict(cpu_kernels=False, max_num_seqs=4, block_size=4),
 ])
 def test_engine_paths_do_not_change_tokens(tiny_llama_dir, variant):
     llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", **variant)

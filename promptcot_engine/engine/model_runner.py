@@ -15,6 +15,7 @@ from promptcot_engine.engine.scheduler import ScheduledBatch
 from promptcot_engine.engine.sequence import Sequence
 from promptcot_engine.errors import InputError
 from promptcot_engine.kernels.cpu_linear import use_onednn_linear
+from promptcot_engine.kernels.cpu_layer_ops import use_cpu_layer_kernels
 from promptcot_engine.kernels.cpu_paged_attention import cpu_decode_kernel_applies
 from promptcot_engine.kernels.fused_logprob import linear_logprob
 from promptcot_engine.kernels.paged_attention import PagedGather, PagedPrefill
@@ -62,9 +63,11 @@ class ModelRunner:
         self.scale = mc.head_dim ** -0.5
         if device.type == "cpu":
             use_onednn_linear(model)  # the engine's model only runs inference: its products go to oneDNN
+            if config.cpu_kernels:
+                use_cpu_layer_kernels(model)  # and its norms, rotary and activation to the C kernels
         self.kv_caches = self._allocate_kv_cache()
         # decode on CPU: the C kernel reads the paged cache where it is built and takes the model's shapes
-        self.cpu_decode_kernel = (self.backend == "torch" and config.cpu_decode_kernel
+        self.cpu_decode_kernel = (self.backend == "torch" and config.cpu_kernels
                                   and cpu_decode_kernel_applies(self.kv_cache[0, 0, 0], self.kv_cache[0, 0]))
         self.cuda_graphs = None
         # the torch backend plans its decode from the block tables on the host each step: nothing to capture

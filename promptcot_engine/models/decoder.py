@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptcot_engine.models.model_config import ModelConfig
-from promptcot_engine.models.rope import apply_rotary, rope_cos_sin, rope_inv_freq
+from promptcot_engine.models.rope import RotaryEmbedding, rope_cos_sin, rope_inv_freq
 
 
 class AttentionFn(Protocol):
@@ -53,6 +53,7 @@ class SelfAttention(nn.Module):
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
         T = x.shape[0]
@@ -61,9 +62,16 @@ class SelfAttention(nn.Module):
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary_emb(q, k, cos, sin)
         out = attention(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+
+
+class SiluAndMul(nn.Module):
+    """silu(gate) * up; a module without state, so that an inference engine can put a kernel in its place."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -72,9 +80,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

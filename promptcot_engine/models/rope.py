@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
@@ -83,3 +84,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates queries and keys by their positions' cos/sin. A module without state, so that an inference
+    engine can put a kernel in its place (kernels/cpu_layer_ops.py) without touching the model's code."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

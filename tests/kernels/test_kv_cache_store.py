@@ -1,11 +1,17 @@
-"""store_kvcache: the Triton kernel (under TRITON_INTERPRET=1) and the torch path against a plain per-token
-loop, into NaN-poisoned caches so every slot that must stay untouched is seen to stay so."""
+"""store_kvcache: the Triton kernel (under TRITON_INTERPRET=1), the C one for CPU and the torch path against a
+plain per-token loop, into NaN-poisoned caches so every slot that must stay untouched is seen to stay so."""
 import os
 
 import pytest
 import torch
 
-from promptcot_engine.kernels.kv_cache_store import store_kvcache, store_kvcache_torch, store_kvcache_triton
+from promptcot_engine.kernels.cpu_library import CPU_KERNELS_AVAILABLE
+from promptcot_engine.kernels.kv_cache_store import (
+    store_kvcache,
+    store_kvcache_cpu,
+    store_kvcache_torch,
+    store_kvcache_triton,
+)
 from tests.kernels.sm90 import assert_compiles_for_sm90
 
 # a GPU run turns the interpreter off (TRITON_INTERPRET=0): the Triton kernel then runs compiled, on CUDA
@@ -42,7 +48,11 @@ def expected_caches(key, value, k_cache, v_cache, slot_mapping):
     return k_want, v_want
 
 
-@pytest.mark.parametrize("store", [store_kvcache_triton, store_kvcache_torch], ids=["triton", "torch"])
+C_STORE = pytest.param(store_kvcache_cpu, id="c", marks=pytest.mark.skipif(not CPU_KERNELS_AVAILABLE,
+                                                                          reason="the CPU kernels are not built"))
+
+
+@pytest.mark.parametrize("store", [store_kvcache_triton, C_STORE, store_kvcache_torch], ids=["triton", "c", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T,num_blocks,block_size,nkv,d", [(7, 5, 4, 3, 13), (9, 3, 16, 2, 64), (1, 2, 8, 1, 5)])
 def test_store_matches_per_token_loop(store, dtype, T, num_blocks, block_size, nkv, d):
@@ -63,6 +73,10 @@ def test_all_slots_negative_writes_nothing():
         assert k_cache.isnan().all() and v_cache.isnan().all()
 
 
+C_STORE = pytest.param(store_kvcache_cpu, id="c", marks=pytest.mark.skipif(not CPU_KERNELS_AVAILABLE,
+                                                                          reason="the CPU kernels are not built"))
+
+
 @pytest.mark.parametrize("store", [store_kvcache_triton, store_kvcache_torch], ids=["triton", "torch"])
 def test_casts_to_the_cache_dtype(store):
     key, value, _, _, slot_mapping = make_case(5, 2, 4, 2, 8, torch.float32, seed=2, skipped=())
@@ -74,6 +88,15 @@ def test_casts_to_the_cache_dtype(store):
     tol = dict(rtol=0, atol=0) if store is store_kvcache_torch else dict(rtol=2**-7, atol=0)
     torch.testing.assert_close(k_cache[block, offset], key.bfloat16(), **tol)
     torch.testing.assert_close(v_cache[block, offset], value.bfloat16(), **tol)
+
+
+def test_c_store_refuses_another_dtype():
+    """It copies bytes: a key of another dtype than the cache is an error, never a reinterpretation (the
+    dispatcher sends such a store to the torch path, which casts)."""
+    key, value, _, _, slot_mapping = make_case(5, 2, 4, 2, 8, torch.float32, seed=2)
+    k_cache = torch.zeros((2, 4, 2, 8), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="dtype"):
+        store_kvcache_cpu(key, value, k_cache, k_cache.clone(), slot_mapping)
 
 
 def test_dispatch_rejects_mismatched_shapes():

@@ -16,41 +16,16 @@
  * Threads: OpenMP, built against libgomp.so.1. Loaded after torch, the library binds to the libgomp torch
  * already loaded, so both share one thread pool and torch.set_num_threads governs this kernel as well.
  */
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "vector.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-/* one build for any x86-64: the loader picks the AVX-512 clone where the CPU has it */
-#define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
-#else
-#define VECTOR_CLONES
-#endif
-
-enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1 };
 enum { TILE = 16, MAX_HEAD_DIM = 256 };
-
-/* 16 fp32 lanes in GCC/Clang vector extensions: one AVX-512 register (two AVX2 or four SSE ones elsewhere).
- * Lane reductions use shuffles: a scalar loop over the lanes (what a plain C reduction becomes without
- * -ffast-math) costs more than the products themselves. */
-#define LANES 16
-typedef float vfloat __attribute__((vector_size(4 * LANES)));
-typedef int32_t vint __attribute__((vector_size(4 * LANES)));
-typedef uint32_t vuint __attribute__((vector_size(4 * LANES)));
-typedef uint16_t vhalf __attribute__((vector_size(2 * LANES)));
-
-static inline vfloat broadcast(float x) { return (vfloat){0} + x; }
-
-static inline vfloat select_lanes(vint mask, vfloat if_true, vfloat if_false) {
-    return (vfloat)((mask & (vint)if_true) | (~mask & (vint)if_false));
-}
 
 /* A row of head_dim values as fp32 vectors in the kernel's lane order. fp32: the row as it is. bf16: each
  * 32 values are read as 16 pairs and split into the even ones (shifted up) and the odd ones (masked), which
  * costs two operations per 32 values where widening them in place costs five or more; a last 16 values, if
  * head_dim is an odd multiple of 16, are widened in place. Queries, keys and values all take this order, so
  * dot products do not see it, and the output undoes it (store_row). */
-static inline void load_row(const void *base, int64_t offset, int dtype, int head_dim, vfloat *dst) {
+VECTOR_INLINE void load_row(const void *base, int64_t offset, int dtype, int head_dim, vfloat *dst) {
     if (dtype == DTYPE_FLOAT32) {
         memcpy(dst, (const float *)base + offset, sizeof(float) * head_dim);
         return;
@@ -71,20 +46,12 @@ static inline void load_row(const void *base, int64_t offset, int dtype, int hea
 }
 
 /* the dimension lane l of vector c holds (see load_row) */
-static inline int dimension_of_lane(int c, int l, int dtype, int head_dim) {
+VECTOR_INLINE int dimension_of_lane(int c, int l, int dtype, int head_dim) {
     if (dtype == DTYPE_FLOAT32 || c >= head_dim / (2 * LANES) * 2) return LANES * c + l;
     return 2 * LANES * (c / 2) + 2 * l + c % 2;
 }
 
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch's .to(torch.bfloat16) */
-    return (uint16_t)(bits >> 16);
-}
-
-static inline void store_row(const vfloat *src, float scale, int dtype, int head_dim, void *base, int64_t offset) {
+VECTOR_INLINE void store_row(const vfloat *src, float scale, int dtype, int head_dim, void *base, int64_t offset) {
     for (int c = 0; c < head_dim / LANES; c++) {
         const vfloat v = src[c] * scale;
         for (int l = 0; l < LANES; l++) {
@@ -98,7 +65,7 @@ static inline void store_row(const vfloat *src, float scale, int dtype, int head
 /* The sum of each of 16 vectors' lanes, as one vector: lane i = the sum of v[i]'s lanes. Four rounds, each
  * adding two shuffles of pairs of vectors, halve the vectors and the lanes left per vector: 45 operations
  * for 16 dot products where reducing each alone takes 8 apiece. v is overwritten. */
-static inline vfloat sum_lanes_of_16(vfloat *v) {
+VECTOR_INLINE vfloat sum_lanes_of_16(vfloat *v) {
     for (int j = 0; j < 8; j++) /* lanes 0-7: v[2j] folded to 8 partial sums; 8-15: v[2j+1] */
         v[j] = __builtin_shufflevector(v[2 * j], v[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
              + __builtin_shufflevector(v[2 * j], v[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
@@ -112,48 +79,6 @@ static inline vfloat sum_lanes_of_16(vfloat *v) {
          + __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-static inline float sum_of_lanes(vfloat v) {
-    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v += __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    return v[0];
-}
-
-static inline float max_of_lanes(vfloat v) {
-    vfloat s = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v = select_lanes(v > s, v, s);
-    s = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v = select_lanes(v > s, v, s);
-    s = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v = select_lanes(v > s, v, s);
-    s = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    v = select_lanes(v > s, v, s);
-    return v[0];
-}
-
-/* exp(x) for x <= 0 (softmax after subtracting the max), lane-wise, without a vector math library:
- * x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor polynomial to r^7 (error below one fp32 ulp),
- * 2^n put in the exponent bits. Below -87 (and at -inf) the result is under fp32's smallest normal: 0. */
-static inline vfloat exp_nonpositive(vfloat x) {
-    const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    const vint underflow = x < broadcast(-87.0f);
-    const vfloat xc = select_lanes(underflow, broadcast(-87.0f), x);
-    const vfloat n = (xc * log2e + round_magic) - round_magic;
-    const vfloat r = (xc - n * ln2_hi) - n * ln2_lo;
-    vfloat p = broadcast(1.0f / 5040.0f);
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const vfloat two_n = (vfloat)((__builtin_convertvector(n, vint) + 127) << 23);
-    return select_lanes(underflow, broadcast(0.0f), p * two_n);
-}
-
 /* Per-thread buffers, in vectors: one tile of keys or values in lane order; for each query head of the
  * group its scaled query, its output accumulator and its scores over the whole context. */
 static int64_t work_vectors(int group, int head_dim, int max_context_len) {
@@ -162,7 +87,7 @@ static int64_t work_vectors(int group, int head_dim, int max_context_len) {
 }
 
 /* the rows of tokens t0 .. t0 + n - 1 of one head into `tile`, in lane order */
-static inline __attribute__((always_inline)) void load_tile(const void *cache, const int32_t *block_table, int t0,
+VECTOR_INLINE void load_tile(const void *cache, const int32_t *block_table, int t0,
                                                              int n, int block_size, int64_t token_stride,
                                                              int64_t head_offset, int dtype, int head_dim, vfloat *tile) {
     const int chunks = head_dim / LANES;
@@ -181,7 +106,7 @@ static inline __attribute__((always_inline)) void load_tile(const void *cache, c
  * tiles of 16 tokens: the scores of every query head, an exact softmax over them, then the weighted sum of
  * the values. Inlined with a constant dtype and head_dim, each combination compiles to straight-line
  * vector code. */
-static inline __attribute__((always_inline)) void attend_item(
+VECTOR_INLINE void attend_item(
         const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table, int context_len,
         void *out, int64_t seq, int kv_head, int num_heads, int num_kv_heads, int block_size, float scale,
         vfloat *work, const int dtype, const int head_dim) {

@@ -1,0 +1,159 @@
+/* The decoder's elementwise steps on CPU, one call each where torch runs several ops: RMSNorm, rotary
+ * position embedding, SiLU(gate) * up. At decode they process a few hundred KB per layer, where each torch op
+ * costs its dispatch and a pass over memory; these take one pass, threads split over rows.
+ *
+ * Each rounds where torch rounds, so bf16 results equal torch's bf16 ops (models/decoder.py, models/rope.py)
+ * and fp32 ones equal torch's fp32 ops up to the order of a sum (RMSNorm's mean) or an exp (SiLU): floating
+ * multiply-adds are not fused here (fp-contract=off), since torch computes x * cos + y * sin as three ops. */
+#pragma GCC optimize("fp-contract=off")
+#include "vector.h"
+
+VECTOR_INLINE float load_element(const void *base, int64_t i, int dtype) {
+    if (dtype == DTYPE_FLOAT32) return ((const float *)base)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* x rounded to the dtype, back as fp32: the value torch would hold after this op */
+VECTOR_INLINE float round_to(float x, int dtype) {
+    if (dtype == DTYPE_FLOAT32) return x;
+    uint32_t bits = (uint32_t)float_to_bf16(x) << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+VECTOR_INLINE void store_element(void *base, int64_t i, float x, int dtype) {
+    if (dtype == DTYPE_FLOAT32) ((float *)base)[i] = x;
+    else ((uint16_t *)base)[i] = float_to_bf16(x);
+}
+
+/* out[r] = weight * dtype(x[r] / sqrt(mean(x[r]^2) + eps)), the normalization in fp32 (transformers' order).
+ * Inlined with a constant dtype, so that each dtype gets its own vector code. */
+VECTOR_INLINE void rms_norm_row(const void *x, const void *weight, void *out,
+                                                                int hidden, float eps, const int dtype) {
+    const int vectorized = hidden / LANES * LANES;
+    vfloat acc = broadcast(0.0f);
+    for (int d = 0; d < vectorized; d += LANES) {
+        const vfloat v = load_lanes(x, d, dtype);
+        acc += v * v;
+    }
+    float sum_squares = sum_of_lanes(acc);
+    for (int d = vectorized; d < hidden; d++) {
+        const float v = load_element(x, d, dtype);
+        sum_squares += v * v;
+    }
+    const float inv_rms = 1.0f / __builtin_sqrtf(sum_squares / hidden + eps);
+    for (int d = 0; d < vectorized; d += LANES)
+        store_lanes(out, d, load_lanes(weight, d, dtype) * round_lanes(load_lanes(x, d, dtype) * inv_rms, dtype), dtype);
+    for (int d = vectorized; d < hidden; d++)
+        store_element(out, d, load_element(weight, d, dtype) * round_to(load_element(x, d, dtype) * inv_rms, dtype),
+                      dtype);
+}
+
+VECTOR_CLONES
+static void rms_norm_one(const void *x, const void *weight, void *out, int hidden, float eps, int dtype) {
+    if (dtype == DTYPE_FLOAT32) rms_norm_row(x, weight, out, hidden, eps, DTYPE_FLOAT32);
+    else rms_norm_row(x, weight, out, hidden, eps, DTYPE_BFLOAT16);
+}
+
+/* x rows `x_stride` elements apart; weight [hidden]; out [rows, hidden] contiguous. The threads' loop stays
+ * outside the cloned functions: OpenMP outlines a loop body into a function of the default target. */
+int pce_cpu_rms_norm(const void *x, const void *weight, void *out, int64_t rows, int hidden, int64_t x_stride,
+                     float eps, int dtype) {
+    const int element = dtype == DTYPE_FLOAT32 ? 4 : 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        rms_norm_one((const char *)x + r * x_stride * element, weight, (char *)out + r * hidden * element, hidden, eps,
+                     dtype);
+    return 0;
+}
+
+/* out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[half:], x[:half]), each product and the sum
+ * rounded to the dtype as torch's three ops round them. Halves of a multiple of 16 go 16 lanes at a time. */
+VECTOR_INLINE void rotary_token(const void *x, int64_t head_stride, const void *cos,
+                                                                const void *sin, void *out, int heads, int head_dim,
+                                                                const int dtype) {
+    const int half = head_dim / 2;
+    for (int h = 0; h < heads; h++) {
+        const int64_t xi = h * head_stride, oi = (int64_t)h * head_dim;
+        if (half % LANES == 0) {
+            for (int d = 0; d < half; d += LANES) {
+                const vfloat x1 = load_lanes(x, xi + d, dtype), x2 = load_lanes(x, xi + d + half, dtype);
+                const vfloat first = round_lanes(x1 * load_lanes(cos, d, dtype), dtype)
+                                     + round_lanes(-x2 * load_lanes(sin, d, dtype), dtype);
+                const vfloat second = round_lanes(x2 * load_lanes(cos, d + half, dtype), dtype)
+                                      + round_lanes(x1 * load_lanes(sin, d + half, dtype), dtype);
+                store_lanes(out, oi + d, first, dtype);
+                store_lanes(out, oi + d + half, second, dtype);
+            }
+            continue;
+        }
+        for (int d = 0; d < head_dim; d++) {
+            const float rotated = d < half ? -load_element(x, xi + d + half, dtype) : load_element(x, xi + d - half, dtype);
+            const float a = round_to(load_element(x, xi + d, dtype) * load_element(cos, d, dtype), dtype);
+            const float b = round_to(rotated * load_element(sin, d, dtype), dtype);
+            store_element(out, oi + d, a + b, dtype);
+        }
+    }
+}
+
+VECTOR_CLONES
+static void rotary_one(const void *x, int64_t head_stride, const void *cos, const void *sin, void *out, int heads,
+                       int head_dim, int dtype) {
+    if (dtype == DTYPE_FLOAT32) rotary_token(x, head_stride, cos, sin, out, heads, head_dim, DTYPE_FLOAT32);
+    else rotary_token(x, head_stride, cos, sin, out, heads, head_dim, DTYPE_BFLOAT16);
+}
+
+/* x [tokens, heads, head_dim] with strides in elements; cos, sin [tokens, head_dim] contiguous; out [tokens,
+ * heads, head_dim] contiguous. */
+int pce_cpu_rotary(const void *x, const void *cos, const void *sin, void *out, int64_t tokens, int heads,
+                   int head_dim, int64_t token_stride, int64_t head_stride, int dtype) {
+    const int element = dtype == DTYPE_FLOAT32 ? 4 : 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tokens; t++)
+        rotary_one((const char *)x + t * token_stride * element, head_stride,
+                   (const char *)cos + t * head_dim * element, (const char *)sin + t * head_dim * element,
+                   (char *)out + t * heads * head_dim * element, heads, head_dim, dtype);
+    return 0;
+}
+
+/* silu(g) = g / (1 + exp(-g)) in fp32 as torch computes it; for g < 0 as g exp(g) / (1 + exp(g)), which
+ * never overflows (the exp from exp_nonpositive) */
+VECTOR_INLINE vfloat silu_lanes(vfloat g) {
+    const vint negative = g < broadcast(0.0f);
+    const vfloat e = exp_nonpositive(select_lanes(negative, g, -g)); /* exp(-|g|) */
+    return select_lanes(negative, g * e, g) / (1.0f + e);
+}
+
+/* out = dtype(silu(gate)) * up */
+VECTOR_INLINE void silu_and_mul_row(const void *gate, const void *up, void *out,
+                                                                    int cols, const int dtype) {
+    const int vectorized = cols / LANES * LANES;
+    for (int c = 0; c < vectorized; c += LANES)
+        store_lanes(out, c, round_lanes(silu_lanes(load_lanes(gate, c, dtype)), dtype) * load_lanes(up, c, dtype), dtype);
+    for (int c = vectorized; c < cols; c++) {
+        const float silu = silu_lanes(broadcast(load_element(gate, c, dtype)))[0];
+        store_element(out, c, round_to(silu, dtype) * load_element(up, c, dtype), dtype);
+    }
+}
+
+VECTOR_CLONES
+static void silu_and_mul_one(const void *gate, const void *up, void *out, int cols, int dtype) {
+    if (dtype == DTYPE_FLOAT32) silu_and_mul_row(gate, up, out, cols, DTYPE_FLOAT32);
+    else silu_and_mul_row(gate, up, out, cols, DTYPE_BFLOAT16);
+}
+
+/* gate and up rows `gate_stride` / `up_stride` elements apart (two tensors, or the halves of one product);
+ * out [rows, cols] contiguous. */
+int pce_cpu_silu_and_mul(const void *gate, const void *up, void *out, int64_t rows, int cols, int64_t gate_stride,
+                         int64_t up_stride, int dtype) {
+    const int element = dtype == DTYPE_FLOAT32 ? 4 : 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        silu_and_mul_one((const char *)gate + r * gate_stride * element, (const char *)up + r * up_stride * element,
+                         (char *)out + r * cols * element, cols, dtype);
+    return 0;
+}

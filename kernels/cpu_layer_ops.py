@@ -1,0 +1,100 @@
+"""The decoder's elementwise steps on CPU in C (csrc/cpu/layer_ops.c), through kernels/cpu_library.py: RMSNorm,
+rotary embedding, SiLU(gate) * up, one call each where torch runs several ops.
+
+Each rounds where torch rounds, so bf16 results equal the model's torch code (models/decoder.py,
+models/rope.py, the references) and fp32 results equal it up to the order of a sum or an exp.
+
+`use_cpu_layer_kernels(model)` swaps them in for the engine's model on CPU, on the same parameters (the state
+dict does not change); anything that needs a gradient, and any tensor they do not take, falls back to the
+module's torch code. The trainer keeps torch's ops and their backward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from promptcot_engine.kernels.cpu_library import DTYPE_CODES, library, takes
+from promptcot_engine.models.decoder import RMSNorm, SiluAndMul
+from promptcot_engine.models.rope import RotaryEmbedding
+
+
+def _no_grad_wanted(*tensors: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension (rows may be strided, the last dimension contiguous)."""
+    hidden = x.shape[-1]
+    rows = x.reshape(-1, hidden)  # a view where the layout allows
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, dtype=x.dtype)
+    library.pce_cpu_rms_norm(rows.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), rows.shape[0], hidden,
+                             rows.stride(0), eps, DTYPE_CODES[x.dtype])
+    return out.view(x.shape)
+
+
+def rotary_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] (strided tokens and heads; head_dim contiguous); cos, sin [T, head_dim]."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    tokens, heads, head_dim = x.shape
+    out = torch.empty((tokens, heads, head_dim), dtype=x.dtype)
+    cos, sin = cos.contiguous(), sin.contiguous()
+    library.pce_cpu_rotary(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, head_dim,
+                           x.stride(0), x.stride(1), DTYPE_CODES[x.dtype])
+    return out
+
+
+def silu_and_mul_cpu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [..., cols] (rows may be strided, cols contiguous) -> silu(gate) * up, contiguous."""
+    cols = gate.shape[-1]
+    gate_rows, up_rows = gate.reshape(-1, cols), up.reshape(-1, cols)
+    gate_rows = gate_rows if gate_rows.stride(-1) == 1 else gate_rows.contiguous()
+    up_rows = up_rows if up_rows.stride(-1) == 1 else up_rows.contiguous()
+    out = torch.empty(gate_rows.shape, dtype=gate.dtype)
+    library.pce_cpu_silu_and_mul(gate_rows.data_ptr(), up_rows.data_ptr(), out.data_ptr(), gate_rows.shape[0], cols,
+                                 gate_rows.stride(0), up_rows.stride(0), DTYPE_CODES[gate.dtype])
+    return out.view(gate.shape)
+
+
+class CPURMSNorm(RMSNorm):
+    """RMSNorm computing with `rms_norm_cpu`, around an existing norm's weight (not a copy)."""
+
+    def __init__(self, norm: RMSNorm):
+        nn.Module.__init__(self)
+        self.weight = norm.weight
+        self.eps = norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if takes(x, self.weight) and _no_grad_wanted(x, self.weight):
+            return rms_norm_cpu(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+class CPURotaryEmbedding(RotaryEmbedding):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        if takes(q, k, cos, sin) and _no_grad_wanted(q, k):
+            return rotary_cpu(q, cos, sin), rotary_cpu(k, cos, sin)
+        return super().forward(q, k, cos, sin)
+
+
+class CPUSiluAndMul(SiluAndMul):
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if takes(gate, up) and gate.shape == up.shape and _no_grad_wanted(gate, up):
+            return silu_and_mul_cpu(gate, up)
+        return super().forward(gate, up)
+
+
+def use_cpu_layer_kernels(model: nn.Module) -> int:
+    """Swap every RMSNorm, RotaryEmbedding and SiluAndMul of `model` for its CPU-kernel version, on the same
+    parameters; returns how many. For models that only run inference on the CPU (the engine's)."""
+    swaps = {RMSNorm: CPURMSNorm, RotaryEmbedding: lambda _: CPURotaryEmbedding(),
+             SiluAndMul: lambda _: CPUSiluAndMul()}
+    swapped = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) in swaps:
+                setattr(parent, name, swaps[type(child)](child))
+                swapped += 1
+    return swapped
