@@ -41,3 +41,27 @@ print(applied, before >= 64 << 20, after < 64 << 20, kept - rss_mib() > 48)
 def test_large_tensors_stop_being_mapped_afresh_and_can_be_released():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True", "True", "True"]
+
+
+def transparent_huge_pages_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "unavailable"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def test_kv_cache_memory_is_advised_to_huge_pages():
+    """The advice is taken where Linux offers transparent huge pages (always or on madvise), and writing the
+    tensor afterwards behaves as for any tensor."""
+    import torch
+
+    from promptcot_engine.engine.cpu_memory import advise_huge_pages
+
+    x = torch.empty(8 << 20, dtype=torch.float32)  # 32 MiB: whole huge pages inside it
+    taken = advise_huge_pages(x)
+    if transparent_huge_pages_mode() in ("always", "madvise"):
+        assert taken
+    x.copy_(torch.arange(x.numel(), dtype=torch.float32))
+    assert x[12345].item() == 12345.0 and x[-1].item() == float(x.numel() - 1)
+    assert not advise_huge_pages(torch.empty(100))  # no whole huge page inside: nothing to advise

@@ -7,18 +7,20 @@
  * sequence and KV head, 3 x 64 by 64 x ~128 for SmolLM2) whose fixed cost per product is several times
  * the cost of reading the keys.
  *
- * Here each (sequence, KV head) is one work item, walked in tiles of 16 cached tokens: each tile's rows are
- * widened to fp32 once into a small buffer that stays in L1, and every query head of the group reads them
- * from there. Two passes (the scores, an exact softmax, then the values) cost less than an online softmax,
- * whose rescaling per tile and head outweighs reading the item's keys and values (a few KB per hundred
- * tokens, still in L2) twice. All arithmetic is fp32, from fp32 or bf16 caches.
+ * Here each sequence is one work item, walked in tiles of 16 cached tokens: each tile's rows (every KV head:
+ * a token's row holds them side by side, so a block is read front to back) are widened to fp32 once into a
+ * small buffer that stays in L1, and every query head reads them from there. Two passes (the scores, an
+ * exact softmax, then the values) cost less than an online softmax, whose rescaling per tile and head
+ * outweighs reading the sequence's keys and values twice (the values are asked for during the first pass,
+ * the keys two tiles ahead: blocks lie anywhere in the pool, where the hardware prefetchers do not follow).
+ * All arithmetic is fp32, from fp32 or bf16 caches.
  *
  * Threads: OpenMP, built against libgomp.so.1. Loaded after torch, the library binds to the libgomp torch
  * already loaded, so both share one thread pool and torch.set_num_threads governs this kernel as well.
  */
 #include "vector.h"
 
-enum { TILE = 16, MAX_HEAD_DIM = 256 };
+enum { TILE = 16, MAX_HEAD_DIM = 256, PREFETCH_TILES = 2 };
 
 /* A row of head_dim values as fp32 vectors in the kernel's lane order. fp32: the row as it is. bf16: each
  * 32 values are read as 16 pairs and split into the even ones (shifted up) and the odd ones (masked), which
@@ -79,115 +81,138 @@ VECTOR_INLINE vfloat sum_lanes_of_16(vfloat *v) {
          + __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-/* Per-thread buffers, in vectors: one tile of keys or values in lane order; for each query head of the
- * group its scaled query, its output accumulator and its scores over the whole context. */
-static int64_t work_vectors(int group, int head_dim, int max_context_len) {
-    const int chunks = head_dim / LANES;
-    return (int64_t)TILE * chunks + 2 * (int64_t)group * chunks + (int64_t)group * ((max_context_len + TILE - 1) / TILE);
+/* Per-thread buffers, in vectors: one tile of keys or values of every KV head in lane order; for each query
+ * head its scaled query, its output accumulator and its scores over the whole context. */
+static int64_t work_vectors(int num_heads, int num_kv_heads, int head_dim, int max_context_len) {
+    const int chunks = head_dim / LANES, tiles = (max_context_len + TILE - 1) / TILE;
+    return (int64_t)TILE * num_kv_heads * chunks + 2 * (int64_t)num_heads * chunks + (int64_t)num_heads * tiles;
 }
 
-/* the rows of tokens t0 .. t0 + n - 1 of one head into `tile`, in lane order */
-VECTOR_INLINE void load_tile(const void *cache, const int32_t *block_table, int t0,
-                                                             int n, int block_size, int64_t token_stride,
-                                                             int64_t head_offset, int dtype, int head_dim, vfloat *tile) {
-    const int chunks = head_dim / LANES;
-    int block = t0 / block_size, in_block = t0 % block_size;
+/* the cache row (every KV head) of token t of a sequence */
+VECTOR_INLINE int64_t token_row(const int32_t *block_table, int t, int block_size, int64_t token_stride) {
+    return ((int64_t)block_table[t / block_size] * block_size + t % block_size) * token_stride;
+}
+
+/* Asks for the rows of tokens t0 .. t0 + n - 1 ahead of their use: a sequence's blocks lie anywhere in the
+ * pool, where the hardware prefetchers do not follow. */
+VECTOR_INLINE void prefetch_tile(const void *cache, const int32_t *block_table, int t0, int n, int block_size,
+                                 int64_t token_stride, int element) {
+    const int64_t row_bytes = token_stride * element;
     for (int i = 0; i < n; i++) {
-        load_row(cache, ((int64_t)block_table[block] * block_size + in_block) * token_stride + head_offset, dtype,
-                 head_dim, tile + i * chunks);
-        if (++in_block == block_size) {
-            block++;
-            in_block = 0;
-        }
+        const char *row = (const char *)cache + token_row(block_table, t0 + i, block_size, token_stride) * element;
+        for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 2);
     }
 }
 
-/* One sequence, one KV head: its `group` query heads over `context_len` cached tokens, in two passes over
- * tiles of 16 tokens: the scores of every query head, an exact softmax over them, then the weighted sum of
- * the values. Inlined with a constant dtype and head_dim, each combination compiles to straight-line
- * vector code. */
-VECTOR_INLINE void attend_item(
-        const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table, int context_len,
-        void *out, int64_t seq, int kv_head, int num_heads, int num_kv_heads, int block_size, float scale,
-        vfloat *work, const int dtype, const int head_dim) {
-    const int group = num_heads / num_kv_heads, chunks = head_dim / LANES, tiles = (context_len + TILE - 1) / TILE;
-    const int64_t token_stride = (int64_t)num_kv_heads * head_dim, first_head = (int64_t)kv_head * group;
-    const int64_t head_offset = (int64_t)kv_head * head_dim;
-    vfloat *rows = work, *queries = rows + TILE * chunks, *acc = queries + group * chunks;
-    vfloat *scores = acc + group * chunks; /* [group, tiles] vectors */
+/* the rows of tokens t0 .. t0 + n - 1, every KV head, into tile[i][kv head] in lane order */
+VECTOR_INLINE void load_tile(const void *cache, const int32_t *block_table, int t0, int n, int block_size,
+                             int num_kv_heads, int dtype, int head_dim, vfloat *tile) {
+    const int chunks = head_dim / LANES;
+    const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
+    for (int i = 0; i < n; i++) {
+        const int64_t row = token_row(block_table, t0 + i, block_size, token_stride);
+        for (int h = 0; h < num_kv_heads; h++)
+            load_row(cache, row + (int64_t)h * head_dim, dtype, head_dim, tile + (i * num_kv_heads + h) * chunks);
+    }
+}
 
-    for (int g = 0; g < group; g++) {
-        load_row(q, (seq * num_heads + first_head + g) * head_dim, dtype, head_dim, queries + g * chunks);
+/* One sequence: every query head over its `context_len` cached tokens, in two passes over tiles of 16
+ * tokens: the scores, an exact softmax over them, then the weighted sum of the values. A tile is read for
+ * all KV heads at once: a token's row of the cache holds them side by side, so a block is read front to
+ * back. Inlined with a constant dtype and head_dim, each combination compiles to straight-line vector code. */
+VECTOR_INLINE void attend_sequence(
+        const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table, int context_len,
+        void *out, int64_t seq, int num_heads, int num_kv_heads, int block_size, float scale, vfloat *work,
+        const int dtype, const int head_dim) {
+    const int group = num_heads / num_kv_heads, chunks = head_dim / LANES, tiles = (context_len + TILE - 1) / TILE;
+    const int element = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
+    vfloat *rows = work, *queries = rows + TILE * num_kv_heads * chunks, *acc = queries + num_heads * chunks;
+    vfloat *scores = acc + num_heads * chunks; /* [num_heads, tiles] vectors */
+
+    for (int h = 0; h < num_heads; h++) {
+        load_row(q, (seq * num_heads + h) * head_dim, dtype, head_dim, queries + h * chunks);
         for (int c = 0; c < chunks; c++) {
-            queries[g * chunks + c] *= scale;
-            acc[g * chunks + c] = broadcast(0.0f);
+            queries[h * chunks + c] *= scale;
+            acc[h * chunks + c] = broadcast(0.0f);
         }
     }
 
     for (int tile = 0; tile < tiles; tile++) {
         const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
-        load_tile(k_cache, block_table, t0, n, block_size, token_stride, head_offset, dtype, head_dim, rows);
+        if (tile == 0) /* the keys run PREFETCH_TILES tiles ahead of their use */
+            for (int ahead = 1; ahead < PREFETCH_TILES && ahead < tiles; ahead++) {
+                const int ta = ahead * TILE, na = context_len - ta < TILE ? context_len - ta : TILE;
+                prefetch_tile(k_cache, block_table, ta, na, block_size, token_stride, element);
+            }
+        if (tile + PREFETCH_TILES < tiles) {
+            const int ta = t0 + PREFETCH_TILES * TILE, na = context_len - ta < TILE ? context_len - ta : TILE;
+            prefetch_tile(k_cache, block_table, ta, na, block_size, token_stride, element);
+        }
+        prefetch_tile(v_cache, block_table, t0, n, block_size, token_stride, element); /* for the second pass */
+        load_tile(k_cache, block_table, t0, n, block_size, num_kv_heads, dtype, head_dim, rows);
         for (int i = n; i < TILE; i++) /* past the context: copies of the first row, whose scores are dropped */
-            for (int c = 0; c < chunks; c++) rows[i * chunks + c] = rows[c];
-        for (int g = 0; g < group; g++) {
-            const vfloat *qg = queries + g * chunks;
+            for (int c = 0; c < num_kv_heads * chunks; c++) rows[i * num_kv_heads * chunks + c] = rows[c];
+        for (int h = 0; h < num_heads; h++) {
+            const vfloat *qh = queries + h * chunks, *keys = rows + (h / group) * chunks;
             vfloat dots[TILE];
             for (int i = 0; i < TILE; i++) {
-                dots[i] = qg[0] * rows[i * chunks];
-                for (int c = 1; c < chunks; c++) dots[i] += qg[c] * rows[i * chunks + c];
+                const vfloat *key = keys + i * num_kv_heads * chunks;
+                dots[i] = qh[0] * key[0];
+                for (int c = 1; c < chunks; c++) dots[i] += qh[c] * key[c];
             }
-            scores[g * tiles + tile] = sum_lanes_of_16(dots);
+            scores[h * tiles + tile] = sum_lanes_of_16(dots);
         }
     }
-    float inv_sum[group];
-    for (int g = 0; g < group; g++) {
-        vfloat *sg = scores + g * tiles;
+    float inv_sum[num_heads];
+    for (int h = 0; h < num_heads; h++) {
+        vfloat *sh = scores + h * tiles;
         /* the last tile's lanes past the context weigh nothing (lane by lane: an integer vector comparison
          * here crashes GCC 12 under Python's -fwrapv) */
-        for (int i = context_len - (tiles - 1) * TILE; i < TILE; i++) sg[tiles - 1][i] = -__builtin_inff();
-        vfloat m = sg[0];
-        for (int tile = 1; tile < tiles; tile++) m = select_lanes(sg[tile] > m, sg[tile], m);
+        for (int i = context_len - (tiles - 1) * TILE; i < TILE; i++) sh[tiles - 1][i] = -__builtin_inff();
+        vfloat m = sh[0];
+        for (int tile = 1; tile < tiles; tile++) m = select_lanes(sh[tile] > m, sh[tile], m);
         const float max = max_of_lanes(m);
         vfloat sum = broadcast(0.0f);
         for (int tile = 0; tile < tiles; tile++) {
-            sg[tile] = exp_nonpositive(sg[tile] - max);
-            sum += sg[tile];
+            sh[tile] = exp_nonpositive(sh[tile] - max);
+            sum += sh[tile];
         }
-        inv_sum[g] = 1.0f / sum_of_lanes(sum);
+        inv_sum[h] = 1.0f / sum_of_lanes(sum);
     }
 
     for (int tile = 0; tile < tiles; tile++) {
         const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
-        load_tile(v_cache, block_table, t0, n, block_size, token_stride, head_offset, dtype, head_dim, rows);
-        for (int g = 0; g < group; g++) {
-            const vfloat p = scores[g * tiles + tile];
-            vfloat *ag = acc + g * chunks;
+        load_tile(v_cache, block_table, t0, n, block_size, num_kv_heads, dtype, head_dim, rows);
+        for (int h = 0; h < num_heads; h++) {
+            const vfloat p = scores[h * tiles + tile], *values = rows + (h / group) * chunks;
+            vfloat *ah = acc + h * chunks;
             vfloat a[chunks];
-            for (int c = 0; c < chunks; c++) a[c] = ag[c];
+            for (int c = 0; c < chunks; c++) a[c] = ah[c];
             for (int i = 0; i < n; i++) {
                 const float w = p[i];
-                for (int c = 0; c < chunks; c++) a[c] += w * rows[i * chunks + c];
+                const vfloat *value = values + i * num_kv_heads * chunks;
+                for (int c = 0; c < chunks; c++) a[c] += w * value[c];
             }
-            for (int c = 0; c < chunks; c++) ag[c] = a[c];
+            for (int c = 0; c < chunks; c++) ah[c] = a[c];
         }
     }
 
-    for (int g = 0; g < group; g++)
-        store_row(acc + g * chunks, inv_sum[g], dtype, head_dim, out, (seq * num_heads + first_head + g) * head_dim);
+    for (int h = 0; h < num_heads; h++)
+        store_row(acc + h * chunks, inv_sum[h], dtype, head_dim, out, (seq * num_heads + h) * head_dim);
 }
 
 VECTOR_CLONES
 static void attend_one(const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table,
-                       int context_len, void *out, int64_t seq, int kv_head, int num_heads, int num_kv_heads,
-                       int head_dim, int block_size, float scale, int dtype, vfloat *work) {
+                       int context_len, void *out, int64_t seq, int num_heads, int num_kv_heads, int head_dim,
+                       int block_size, float scale, int dtype, vfloat *work) {
     if (context_len <= 0) { /* a padding row: zeros, as the Triton kernel writes */
-        const int group = num_heads / num_kv_heads, element = dtype == DTYPE_FLOAT32 ? 4 : 2;
-        const int64_t first = (seq * num_heads + (int64_t)kv_head * group) * head_dim;
-        memset((char *)out + first * element, 0, (size_t)group * head_dim * element);
+        const int element = dtype == DTYPE_FLOAT32 ? 4 : 2;
+        memset((char *)out + seq * num_heads * head_dim * element, 0, (size_t)num_heads * head_dim * element);
         return;
     }
-#define ATTEND(DTYPE, HEAD_DIM) attend_item(q, k_cache, v_cache, block_table, context_len, out, seq, kv_head, \
-                                            num_heads, num_kv_heads, block_size, scale, work, DTYPE, HEAD_DIM)
+#define ATTEND(DTYPE, HEAD_DIM) attend_sequence(q, k_cache, v_cache, block_table, context_len, out, seq, num_heads, \
+                                                num_kv_heads, block_size, scale, work, DTYPE, HEAD_DIM)
     /* the common head sizes get code specialized to them; other multiples of 16 the general loops */
     if (dtype == DTYPE_BFLOAT16) {
         if (head_dim == 64) ATTEND(DTYPE_BFLOAT16, 64);
@@ -212,11 +237,10 @@ int pce_cpu_paged_decode_attention(const void *q, const void *k_cache, const voi
     if (head_dim % LANES != 0 || head_dim > MAX_HEAD_DIM || num_kv_heads < 1 || num_heads % num_kv_heads != 0
         || block_size < 1 || (dtype != DTYPE_FLOAT32 && dtype != DTYPE_BFLOAT16))
         return -2;
-    const int64_t items = num_seqs * num_kv_heads;
     int max_context_len = 1;
     for (int64_t s = 0; s < num_seqs; s++)
         if (context_lens[s] > max_context_len) max_context_len = context_lens[s];
-    const size_t work_bytes = sizeof(vfloat) * work_vectors(num_heads / num_kv_heads, head_dim, max_context_len);
+    const size_t work_bytes = sizeof(vfloat) * work_vectors(num_heads, num_kv_heads, head_dim, max_context_len);
     int failed = 0;
 #pragma omp parallel
     {
@@ -225,12 +249,11 @@ int pce_cpu_paged_decode_attention(const void *q, const void *k_cache, const voi
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t item = 0; item < items; item++) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t seq = 0; seq < num_seqs; seq++) {
             if (work == NULL) continue;
-            const int64_t seq = item / num_kv_heads;
             attend_one(q, k_cache, v_cache, block_tables + seq * max_blocks_per_seq, context_lens[seq], out, seq,
-                       (int)(item % num_kv_heads), num_heads, num_kv_heads, head_dim, block_size, scale, dtype, work);
+                       num_heads, num_kv_heads, head_dim, block_size, scale, dtype, work);
         }
         free(work);
     }

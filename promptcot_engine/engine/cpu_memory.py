@@ -1,4 +1,4 @@
-"""Keep freed CPU memory for reuse, as the CUDA caching allocator does on GPU.
+"""Keep freed CPU memory for reuse, as the CUDA caching allocator does on GPU; back the KV cache with huge pages.
 
 glibc's malloc maps every allocation above its mmap threshold (at most 32 MiB) afresh and unmaps it on free.
 A prefill step's activations ([tokens, intermediate_size] and the LM-head chunks) are above it, so each
@@ -13,6 +13,8 @@ import ctypes
 import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
+MADV_HUGEPAGE = 14  # Linux's madvise advice (mman.h)
+HUGE_PAGE_BYTES = 2 << 20
 M_MMAP_THRESHOLD = -3
 RETAINED_BYTES = 1 << 30  # allocations up to this size come from the heap; free space up to it stays there
 
@@ -48,3 +50,18 @@ def release_free_memory() -> None:
     if malloc_trim is not None:
         malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
         malloc_trim(0)
+
+
+def advise_huge_pages(tensor) -> bool:
+    """Ask Linux to back a large CPU tensor with transparent huge pages (madvise), before it is first written:
+    decode attention reads a sequence's blocks from anywhere in the KV cache, and with 4 KiB pages nearly
+    every block read also misses the TLB (about 10% of decode attention on the 2-core box). True when the
+    advice was taken; where the system does not take it, the tensor is simply backed as before."""
+    madvise = _libc_function("madvise")
+    if madvise is None or tensor.device.type != "cpu":
+        return False
+    madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    begin = tensor.data_ptr()
+    start = -(-begin // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES  # whole huge pages inside the tensor
+    end = (begin + tensor.numel() * tensor.element_size()) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    return end > start and madvise(start, end - start, MADV_HUGEPAGE) == 0

@@ -11,6 +11,7 @@ from promptcot_engine.attention.paged import AttentionMetadata, PagedAttention
 from promptcot_engine.attention.shared_prefix import plan_shared_prefix
 from promptcot_engine.attention.varlen import FLASH_DTYPES, flash_attn_available
 from promptcot_engine.config import EngineConfig
+from promptcot_engine.engine.cpu_memory import advise_huge_pages
 from promptcot_engine.engine.scheduler import ScheduledBatch
 from promptcot_engine.engine.sequence import Sequence
 from promptcot_engine.errors import InputError
@@ -118,8 +119,10 @@ class ModelRunner:
         if self.num_blocks < 1:
             raise InputError(f"kv_cache_memory_gb: the KV cache budget holds no block of {self.block_size} tokens "
                              f"({self._kv_bytes_per_block() / GiB:.3f} GiB each); raise it")
-        cache = torch.zeros(2, mc.num_hidden_layers, self.num_blocks, self.block_size, mc.num_key_value_heads,
+        cache = torch.empty(2, mc.num_hidden_layers, self.num_blocks, self.block_size, mc.num_key_value_heads,
                             mc.head_dim, dtype=self.dtype, device=self.device)
+        advise_huge_pages(cache)  # on CPU, before the pages are touched
+        cache.zero_()
         self.kv_cache = cache
         return [(cache[0, layer], cache[1, layer]) for layer in range(mc.num_hidden_layers)]
 
