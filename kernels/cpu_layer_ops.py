@@ -1,8 +1,8 @@
-"""The decoder's elementwise steps on CPU in C (csrc/cpu/layer_ops.c), through kernels/cpu_library.py: RMSNorm,
-rotary embedding, SiLU(gate) * up, one call each where torch runs several ops.
+"""The decoder's elementwise steps on CPU in C (csrc/cpu/layer_ops.c), through kernels/cpu_library.py: RMSNorm
+and rotary embedding, one call each where torch runs several ops.
 
 Each rounds where torch rounds, so bf16 results equal the model's torch code (models/decoder.py,
-models/rope.py, the references) and fp32 results equal it up to the order of a sum or an exp.
+models/rope.py, the references) and fp32 results equal it up to the order of a sum.
 
 `use_cpu_layer_kernels(model)` swaps them in for the engine's model on CPU, on the same parameters (the state
 dict does not change); anything that needs a gradient, and any tensor they do not take, falls back to the
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from promptcot_engine.kernels.cpu_library import DTYPE_CODES, library, takes
-from promptcot_engine.models.decoder import RMSNorm, SiluAndMul
+from promptcot_engine.models.decoder import RMSNorm
 from promptcot_engine.models.rope import RotaryEmbedding
 
 
@@ -46,18 +46,6 @@ def rotary_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out
 
 
-def silu_and_mul_cpu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up [..., cols] (rows may be strided, cols contiguous) -> silu(gate) * up, contiguous."""
-    cols = gate.shape[-1]
-    gate_rows, up_rows = gate.reshape(-1, cols), up.reshape(-1, cols)
-    gate_rows = gate_rows if gate_rows.stride(-1) == 1 else gate_rows.contiguous()
-    up_rows = up_rows if up_rows.stride(-1) == 1 else up_rows.contiguous()
-    out = torch.empty(gate_rows.shape, dtype=gate.dtype)
-    library.pce_cpu_silu_and_mul(gate_rows.data_ptr(), up_rows.data_ptr(), out.data_ptr(), gate_rows.shape[0], cols,
-                                 gate_rows.stride(0), up_rows.stride(0), DTYPE_CODES[gate.dtype])
-    return out.view(gate.shape)
-
-
 class CPURMSNorm(RMSNorm):
     """RMSNorm computing with `rms_norm_cpu`, around an existing norm's weight (not a copy)."""
 
@@ -79,18 +67,10 @@ class CPURotaryEmbedding(RotaryEmbedding):
         return super().forward(q, k, cos, sin)
 
 
-class CPUSiluAndMul(SiluAndMul):
-    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if takes(gate, up) and gate.shape == up.shape and _no_grad_wanted(gate, up):
-            return silu_and_mul_cpu(gate, up)
-        return super().forward(gate, up)
-
-
 def use_cpu_layer_kernels(model: nn.Module) -> int:
-    """Swap every RMSNorm, RotaryEmbedding and SiluAndMul of `model` for its CPU-kernel version, on the same
-    parameters; returns how many. For models that only run inference on the CPU (the engine's)."""
-    swaps = {RMSNorm: CPURMSNorm, RotaryEmbedding: lambda _: CPURotaryEmbedding(),
-             SiluAndMul: lambda _: CPUSiluAndMul()}
+    """Swap every RMSNorm and RotaryEmbedding of `model` for its CPU-kernel version, on the same parameters;
+    returns how many. For models that only run inference on the CPU (the engine's)."""
+    swaps = {RMSNorm: CPURMSNorm, RotaryEmbedding: lambda _: CPURotaryEmbedding()}
     swapped = 0
     for parent in model.modules():
         for name, child in list(parent.named_children()):

@@ -21,7 +21,6 @@ SIGNATURES = {
     "pce_cpu_store_kvcache": [_pointer] * 5 + [_i64] * 4 + [_i32],
     "pce_cpu_rms_norm": [_pointer] * 3 + [_i64, _i32, _i64, _f32, _i32],
     "pce_cpu_rotary": [_pointer] * 4 + [_i64, _i32, _i32, _i64, _i64, _i32],
-    "pce_cpu_silu_and_mul": [_pointer] * 3 + [_i64, _i32, _i64, _i64, _i32],
 }
 
 

@@ -24,8 +24,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True disables CUDA graphs for decode
     attention_backend: str = "auto"
-    # on CPU, the C kernels where built (decode attention, RMSNorm, rotary, SiLU-and-mul: csrc/cpu/) in place of
-    # torch ops; False: torch ops throughout (the references; the KV store's exact C copy stays)
+    # on CPU, the C kernels where built (decode attention, RMSNorm, rotary: csrc/cpu/) in place of torch ops;
+    # False: torch ops throughout (the references; the KV store's exact C copy stays)
     cpu_kernels: bool = True
 
     def __post_init__(self):

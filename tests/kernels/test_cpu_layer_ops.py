@@ -1,6 +1,5 @@
 """The C layer ops for CPU (csrc/cpu/layer_ops.c) against the model's torch code, which is their reference:
-bit for bit where the two round the same way (bf16 RMSNorm and rotary, fp32 rotary), within an ulp where a
-sum's or an exp's order differs; against float64 for the fp32 results; and the module swap keeps the model's
+bit for bit where the two round the same way (rotary), within an ulp or a few where a sum's order differs; against float64 for the fp32 results; and the module swap keeps the model's
 parameters, state dict and outputs."""
 import pytest
 import torch
@@ -9,11 +8,10 @@ from promptcot_engine.kernels.cpu_layer_ops import (
     CPURMSNorm,
     rms_norm_cpu,
     rotary_cpu,
-    silu_and_mul_cpu,
     use_cpu_layer_kernels,
 )
 from promptcot_engine.kernels.cpu_library import CPU_KERNELS_AVAILABLE
-from promptcot_engine.models.decoder import DecoderForCausalLM, RMSNorm, SiluAndMul
+from promptcot_engine.models.decoder import DecoderForCausalLM, RMSNorm
 from promptcot_engine.models.model_config import ModelConfig
 from promptcot_engine.models.rope import apply_rotary
 
@@ -71,26 +69,6 @@ def test_rotary_equals_torch_bit_for_bit(dtype, tokens, heads, head_dim):
     assert torch.equal(got, apply_rotary(x, cos, sin))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,cols", [(3, 1536), (17, 40), (1, 7)])
-def test_silu_and_mul(dtype, rows, cols):
-    gate = randn(rows, cols, dtype=dtype, seed=cols, scale=8.0)  # reaches far into both tails of the sigmoid
-    gate[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0]).to(dtype)
-    up = randn(rows, cols, dtype=dtype, seed=cols + 1)
-    got = silu_and_mul_cpu(gate, up)
-    assert ulp_distance(got, SiluAndMul()(gate, up)) <= (4 if dtype == torch.float32 else 1)  # another exp
-    g64 = gate.double()
-    ref = (g64 * torch.sigmoid(g64)).to(dtype).double() * up.double() if dtype == torch.bfloat16 else \
-        g64 * torch.sigmoid(g64) * up.double()
-    torch.testing.assert_close(got.double(), ref, rtol=2e-6 if dtype == torch.float32 else 2**-8, atol=1e-30)
-
-
-def test_silu_and_mul_on_halves_of_one_product():
-    gate_up = randn(5, 2, 48, dtype=torch.float32, seed=9)
-    gate, up = gate_up[:, 0], gate_up[:, 1]
-    assert ulp_distance(silu_and_mul_cpu(gate, up), SiluAndMul()(gate, up)) <= 4
-
-
 def tiny_model(dtype):
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=97, hidden_size=64, intermediate_size=96,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -114,7 +92,7 @@ def test_swap_keeps_parameters_and_outputs(dtype):
     with torch.inference_mode():
         want = model(ids, positions, attention)
     weight = model.model.norm.weight
-    assert use_cpu_layer_kernels(model) == 2 * 6 + 1  # per layer: 2 norms, q and k norms, rotary, activation; final norm
+    assert use_cpu_layer_kernels(model) == 2 * 5 + 1  # per layer: 2 norms, q and k norms, rotary; the final norm
     assert isinstance(model.model.norm, CPURMSNorm) and model.model.norm.weight is weight
     assert model.state_dict().keys() == state.keys() and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with torch.inference_mode():
