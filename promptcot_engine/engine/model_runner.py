@@ -65,7 +65,7 @@ class ModelRunner:
         if device.type == "cpu":
             use_onednn_linear(model)  # the engine's model only runs inference: its products go to oneDNN
             if config.cpu_kernels:
-                use_cpu_layer_kernels(model)  # and its norms, rotary and activation to the C kernels
+                use_cpu_layer_kernels(model)  # and its norms and rotary to the C kernels
         self.kv_caches = self._allocate_kv_cache()
         # decode on CPU: the C kernel reads the paged cache where it is built and takes the model's shapes
         self.cpu_decode_kernel = (self.backend == "torch" and config.cpu_kernels
