@@ -6,7 +6,11 @@
  * Each rounds where torch rounds, so bf16 results equal torch's bf16 ops (models/decoder.py, models/rope.py)
  * and fp32 ones equal torch's fp32 ops up to the order of a sum (RMSNorm's mean) and its rsqrt: floating
  * multiply-adds are not fused here (fp-contract=off), since torch computes x * cos + y * sin as three ops. */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#else
 #pragma GCC optimize("fp-contract=off")
+#endif
 #include "vector.h"
 
 VECTOR_INLINE float load_element(const void *base, int64_t i, int dtype) {
