@@ -40,11 +40,7 @@ VECTOR_INLINE void load_row(const void *base, int64_t offset, int dtype, int hea
         dst[2 * c] = (vfloat)(pairs << 16);
         dst[2 * c + 1] = (vfloat)(pairs & 0xffff0000u);
     }
-    if (head_dim % (2 * LANES)) {
-        vhalf tail;
-        memcpy(&tail, src + 2 * LANES * paired, sizeof tail);
-        dst[2 * paired] = (vfloat)(__builtin_convertvector(tail, vuint) << 16);
-    }
+    if (head_dim % (2 * LANES)) dst[2 * paired] = load_lanes(src, 2 * LANES * paired, DTYPE_BFLOAT16);
 }
 
 /* the dimension lane l of vector c holds (see load_row) */
