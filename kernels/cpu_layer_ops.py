@@ -14,12 +14,9 @@ import torch
 from torch import nn
 
 from promptcot_engine.kernels.cpu_library import DTYPE_CODES, library, takes
+from promptcot_engine.kernels.cpu_linear import no_grad_wanted
 from promptcot_engine.models.decoder import RMSNorm
 from promptcot_engine.models.rope import RotaryEmbedding
-
-
-def _no_grad_wanted(*tensors: torch.Tensor) -> bool:
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -55,14 +52,14 @@ class CPURMSNorm(RMSNorm):
         self.eps = norm.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if takes(x, self.weight) and _no_grad_wanted(x, self.weight):
+        if takes(x, self.weight) and no_grad_wanted(x, self.weight):
             return rms_norm_cpu(x, self.weight, self.eps)
         return super().forward(x)
 
 
 class CPURotaryEmbedding(RotaryEmbedding):
     def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        if takes(q, k, cos, sin) and _no_grad_wanted(q, k):
+        if takes(q, k, cos, sin) and no_grad_wanted(q, k):
             return rotary_cpu(q, cos, sin), rotary_cpu(k, cos, sin)
         return super().forward(q, k, cos, sin)
 

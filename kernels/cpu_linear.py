@@ -28,10 +28,14 @@ ONEDNN_AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.m
                     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+def no_grad_wanted(*tensors: torch.Tensor) -> bool:
+    """No gradient will flow through these: what an inference-only CPU kernel (no backward) requires."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (ONEDNN_AVAILABLE and x.device.type == "cpu" and weight.device.type == "cpu" and x.dtype == weight.dtype
-            and x.dtype in ONEDNN_DTYPES
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and x.dtype in ONEDNN_DTYPES and no_grad_wanted(x, weight))
 
 
 def prepack_weight(weight: torch.Tensor) -> None:
