@@ -37,8 +37,8 @@ VECTOR_INLINE void store_element(void *base, int64_t i, float x, int dtype) {
 
 /* out[r] = weight * dtype(x[r] / sqrt(mean(x[r]^2) + eps)), the normalization in fp32 (transformers' order).
  * Inlined with a constant dtype, so that each dtype gets its own vector code. */
-VECTOR_INLINE void rms_norm_row(const void *x, const void *weight, void *out,
-                                                                int hidden, float eps, const int dtype) {
+VECTOR_INLINE void rms_norm_row(const void *x, const void *weight, void *out, int hidden, float eps,
+                                const int dtype) {
     const int vectorized = hidden / LANES * LANES;
     vfloat acc = broadcast(0.0f);
     for (int d = 0; d < vectorized; d += LANES) {
@@ -78,9 +78,8 @@ int pce_cpu_rms_norm(const void *x, const void *weight, void *out, int64_t rows,
 
 /* out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[half:], x[:half]), each product and the sum
  * rounded to the dtype as torch's three ops round them. Halves of a multiple of 16 go 16 lanes at a time. */
-VECTOR_INLINE void rotary_token(const void *x, int64_t head_stride, const void *cos,
-                                                                const void *sin, void *out, int heads, int head_dim,
-                                                                const int dtype) {
+VECTOR_INLINE void rotary_token(const void *x, int64_t head_stride, const void *cos, const void *sin, void *out,
+                                int heads, int head_dim, const int dtype) {
     const int half = head_dim / 2;
     for (int h = 0; h < heads; h++) {
         const int64_t xi = h * head_stride, oi = (int64_t)h * head_dim;
