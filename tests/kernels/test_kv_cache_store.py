@@ -73,10 +73,6 @@ def test_all_slots_negative_writes_nothing():
         assert k_cache.isnan().all() and v_cache.isnan().all()
 
 
-C_STORE = pytest.param(store_kvcache_cpu, id="c", marks=pytest.mark.skipif(not CPU_KERNELS_AVAILABLE,
-                                                                          reason="the CPU kernels are not built"))
-
-
 @pytest.mark.parametrize("store", [store_kvcache_triton, store_kvcache_torch], ids=["triton", "torch"])
 def test_casts_to_the_cache_dtype(store):
     key, value, _, _, slot_mapping = make_case(5, 2, 4, 2, 8, torch.float32, seed=2, skipped=())
