@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from promptcot_engine.kernels.cpu_library import DTYPE_CODES, LIBRARY_PATH, library, takes
+from promptcot_engine.kernels.cpu_library import CPU_KERNELS_AVAILABLE, DTYPE_CODES, LIBRARY_PATH, library, takes
 
 
 def cpu_decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -19,12 +19,18 @@ def cpu_decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     return takes(q, k_cache) and head_dim % 16 == 0 and head_dim <= 256
 
 
+def has_bf16_dot() -> bool:
+    """Whether this CPU (and build) has the kernel's vdpbf16ps path for bf16 caches."""
+    return CPU_KERNELS_AVAILABLE and bool(library.pce_cpu_has_bf16_dot())
+
+
 def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                               out: torch.Tensor | None = None) -> torch.Tensor:
+                               out: torch.Tensor | None = None, bf16_dot: bool = True) -> torch.Tensor:
     """q [B, num_heads, head_dim] -> [B, num_heads, head_dim] (into `out` when given: contiguous, q's shape and
     dtype); the paged_decode_attention contract. Like the Triton kernel it trusts the block tables: every
-    block a context reaches must be in the cache."""
+    block a context reaches must be in the cache. `bf16_dot`: bf16 on a CPU with AVX512-BF16 (and head_dim a
+    multiple of 32) takes the vdpbf16ps path (`has_bf16_dot`); False keeps it on the fp32 one."""
     if not cpu_decode_kernel_applies(q, k_cache):
         raise RuntimeError(f"the CPU decode-attention kernel does not take q {q.dtype} {tuple(q.shape)} on {q.device} "
                            f"with a {k_cache.dtype} cache on {k_cache.device} (or is not built: {LIBRARY_PATH})")
@@ -43,7 +49,7 @@ def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     status = library.pce_cpu_paged_decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
         out.data_ptr(), B, num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1], scale,
-        DTYPE_CODES[q.dtype])
+        DTYPE_CODES[q.dtype], int(bf16_dot))
     if status == -1:
         raise MemoryError("paged_decode_attention_cpu: no memory for its per-thread buffers")
     if status != 0:

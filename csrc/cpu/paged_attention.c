@@ -13,7 +13,8 @@
  * exact softmax, then the values) cost less than an online softmax, whose rescaling per tile and head
  * outweighs reading the sequence's keys and values twice (the values are asked for during the first pass,
  * the keys two tiles ahead: blocks lie anywhere in the pool, where the hardware prefetchers do not follow).
- * All arithmetic is fp32, from fp32 or bf16 caches.
+ * All arithmetic is fp32, from fp32 or bf16 caches; bf16 caches on CPUs with AVX512-BF16 take a second path
+ * (attend_sequence_bf16_dot, below) that multiplies bf16 pairs without widening them.
  *
  * Threads: OpenMP, built against libgomp.so.1. Loaded after torch, the library binds to the libgomp torch
  * already loaded, so both share one thread pool and torch.set_num_threads governs this kernel as well.
@@ -115,6 +116,26 @@ VECTOR_INLINE vfloat sum_lanes_of_16(vfloat *v) {
          + __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
+/* Each query head's scores [tiles] vectors, in place, to exp(score - max) over the context (lanes past it:
+ * 0), and 1 / their sum into inv_sum[head]: an exact softmax, normalized when the output is written. */
+VECTOR_INLINE void softmax_of_scores(vfloat *scores, int num_heads, int tiles, int context_len, float *inv_sum) {
+    for (int h = 0; h < num_heads; h++) {
+        vfloat *sh = scores + h * tiles;
+        /* the last tile's lanes past the context weigh nothing (lane by lane: an integer vector comparison
+         * here crashes GCC 12 under Python's -fwrapv) */
+        for (int i = context_len - (tiles - 1) * TILE; i < TILE; i++) sh[tiles - 1][i] = -__builtin_inff();
+        vfloat m = sh[0];
+        for (int tile = 1; tile < tiles; tile++) m = select_lanes(sh[tile] > m, sh[tile], m);
+        const float max = max_of_lanes(m);
+        vfloat sum = broadcast(0.0f);
+        for (int tile = 0; tile < tiles; tile++) {
+            sh[tile] = exp_nonpositive(sh[tile] - max);
+            sum += sh[tile];
+        }
+        inv_sum[h] = 1.0f / sum_of_lanes(sum);
+    }
+}
+
 /* Per-thread buffers, in vectors: one tile of keys or values of every KV head in lane order; for each query
  * head its scaled query, its output accumulator and its scores over the whole context. */
 static int64_t work_vectors(int num_heads, int num_kv_heads, int head_dim, int max_context_len) {
@@ -199,21 +220,7 @@ VECTOR_INLINE void attend_sequence(
         }
     }
     float inv_sum[num_heads];
-    for (int h = 0; h < num_heads; h++) {
-        vfloat *sh = scores + h * tiles;
-        /* the last tile's lanes past the context weigh nothing (lane by lane: an integer vector comparison
-         * here crashes GCC 12 under Python's -fwrapv) */
-        for (int i = context_len - (tiles - 1) * TILE; i < TILE; i++) sh[tiles - 1][i] = -__builtin_inff();
-        vfloat m = sh[0];
-        for (int tile = 1; tile < tiles; tile++) m = select_lanes(sh[tile] > m, sh[tile], m);
-        const float max = max_of_lanes(m);
-        vfloat sum = broadcast(0.0f);
-        for (int tile = 0; tile < tiles; tile++) {
-            sh[tile] = exp_nonpositive(sh[tile] - max);
-            sum += sh[tile];
-        }
-        inv_sum[h] = 1.0f / sum_of_lanes(sum);
-    }
+    softmax_of_scores(scores, num_heads, tiles, context_len, inv_sum);
 
     for (int tile = 0; tile < tiles; tile++) {
         const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
@@ -260,14 +267,140 @@ static void attend_one(const void *q, const void *k_cache, const void *v_cache, 
 #undef ATTEND
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+/* bf16 caches on CPUs with AVX512-BF16, where vdpbf16ps multiplies 32 bf16 pairs and adds each pair's two
+ * products into one of 16 fp32 lanes. Products of two bf16 values are exact in fp32, so the scores need no
+ * widening at all: each query row meets the cache's rows as they lie. For the values, two tokens' rows are
+ * interleaved (one unpack per 32 values), so that each lane's pair is one dimension of two tokens, and each
+ * softmax weight is split into two bf16 parts (hi = bf16(p), lo = bf16(p - hi): 16 significant bits, where
+ * the fp32 path keeps 24 and transformers' eager attention 8), each a second vdpbf16ps over the same pairs.
+ * Everything is summed in fp32. Compiled for that instruction set alone and chosen at run time. */
+#include <immintrin.h>
+#define BF16_DOT_TARGET __attribute__((target("arch=x86-64-v4,avx512bf16")))
+#define BF16_DOT_INLINE static inline __attribute__((always_inline, target("arch=x86-64-v4,avx512bf16")))
+#define HAVE_BF16_DOT 1
+
+BF16_DOT_INLINE __m512bh load_pairs(const uint16_t *src) { return (__m512bh)_mm512_loadu_si512(src); }
+
+/* the rows of tokens t0 .. t0 + n - 1 of a tile; past the context, the first one's (finite, weighed 0) */
+VECTOR_INLINE void tile_rows(const uint16_t *cache, const int32_t *block_table, int t0, int n, int block_size,
+                             int64_t token_stride, const uint16_t **rows) {
+    for (int i = 0; i < TILE; i++) rows[i] = cache + token_row(block_table, t0 + (i < n ? i : 0), block_size, token_stride);
+}
+
+/* the dimension lane l of accumulator c holds: unpacking 32 values interleaves each 128-bit quarter's halves */
+VECTOR_INLINE int interleaved_dimension(int c, int l) { return 32 * (c / 2) + 4 * (c % 2) + 8 * (l / 4) + l % 4; }
+
+BF16_DOT_INLINE void attend_sequence_bf16_dot(
+        const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *block_table,
+        int context_len, uint16_t *out, int num_heads, int num_kv_heads, int block_size, float scale, vfloat *work,
+        const int head_dim) {
+    const int group = num_heads / num_kv_heads, vectors = head_dim / 32, chunks = head_dim / LANES;
+    const int tiles = (context_len + TILE - 1) / TILE;
+    const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
+    __m512 *pairs = (__m512 *)work; /* [num_kv_heads, TILE / 2, chunks]: a tile's values, two tokens interleaved */
+    vfloat *acc = work + num_kv_heads * (TILE / 2) * chunks, *scores = acc + num_heads * chunks;
+    const uint16_t *rows[TILE];
+
+    for (int tile = 0; tile < tiles; tile++) {
+        const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
+        if (tile == 0)
+            for (int ahead = 1; ahead < PREFETCH_TILES && ahead < tiles; ahead++) {
+                const int ta = ahead * TILE, na = context_len - ta < TILE ? context_len - ta : TILE;
+                prefetch_tile(k_cache, block_table, ta, na, block_size, token_stride, 2);
+            }
+        if (tile + PREFETCH_TILES < tiles) {
+            const int ta = t0 + PREFETCH_TILES * TILE, na = context_len - ta < TILE ? context_len - ta : TILE;
+            prefetch_tile(k_cache, block_table, ta, na, block_size, token_stride, 2);
+        }
+        prefetch_tile(v_cache, block_table, t0, n, block_size, token_stride, 2);
+        tile_rows(k_cache, block_table, t0, n, block_size, token_stride, rows);
+        for (int h = 0; h < num_heads; h++) {
+            __m512bh qh[MAX_HEAD_DIM / 32];
+            for (int v = 0; v < vectors; v++) qh[v] = load_pairs(q + h * head_dim + 32 * v);
+            const int64_t kv = (int64_t)(h / group) * head_dim;
+            vfloat dots[TILE];
+            for (int i = 0; i < TILE; i++) {
+                __m512 d = _mm512_dpbf16_ps(_mm512_setzero_ps(), qh[0], load_pairs(rows[i] + kv));
+                for (int v = 1; v < vectors; v++) d = _mm512_dpbf16_ps(d, qh[v], load_pairs(rows[i] + kv + 32 * v));
+                dots[i] = (vfloat)d;
+            }
+            scores[h * tiles + tile] = sum_lanes_of_16(dots) * scale;
+        }
+    }
+    float inv_sum[num_heads];
+    softmax_of_scores(scores, num_heads, tiles, context_len, inv_sum);
+
+    for (int c = 0; c < num_heads * chunks; c++) acc[c] = broadcast(0.0f);
+    for (int tile = 0; tile < tiles; tile++) {
+        const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
+        tile_rows(v_cache, block_table, t0, n, block_size, token_stride, rows);
+        for (int g = 0; g < num_kv_heads; g++)
+            for (int j = 0; j < TILE / 2; j++)
+                for (int v = 0; v < vectors; v++) {
+                    const __m512i a = _mm512_loadu_si512(rows[2 * j] + g * head_dim + 32 * v);
+                    const __m512i b = _mm512_loadu_si512(rows[2 * j + 1] + g * head_dim + 32 * v);
+                    pairs[(g * (TILE / 2) + j) * chunks + 2 * v] = (__m512)_mm512_unpacklo_epi16(a, b);
+                    pairs[(g * (TILE / 2) + j) * chunks + 2 * v + 1] = (__m512)_mm512_unpackhi_epi16(a, b);
+                }
+        for (int h = 0; h < num_heads; h++) {
+            const __m512 p = (__m512)scores[h * tiles + tile];
+            const __m256bh hi = _mm512_cvtneps_pbh(p);
+            const __m256bh lo = _mm512_cvtneps_pbh(_mm512_sub_ps(p, _mm512_cvtpbh_ps(hi)));
+            uint32_t weight_hi[TILE / 2], weight_lo[TILE / 2]; /* token pair j: its two weights' bf16 bits */
+            memcpy(weight_hi, &hi, sizeof weight_hi);
+            memcpy(weight_lo, &lo, sizeof weight_lo);
+            const __m512 *values = pairs + (h / group) * (TILE / 2) * chunks;
+            __m512 a[MAX_HEAD_DIM / LANES];
+            for (int c = 0; c < chunks; c++) a[c] = (__m512)acc[h * chunks + c];
+            for (int j = 0; j < TILE / 2; j++) {
+                const __m512bh wh = (__m512bh)_mm512_set1_epi32((int)weight_hi[j]);
+                const __m512bh wl = (__m512bh)_mm512_set1_epi32((int)weight_lo[j]);
+                for (int c = 0; c < chunks; c++) {
+                    a[c] = _mm512_dpbf16_ps(a[c], wh, (__m512bh)values[j * chunks + c]);
+                    a[c] = _mm512_dpbf16_ps(a[c], wl, (__m512bh)values[j * chunks + c]);
+                }
+            }
+            for (int c = 0; c < chunks; c++) acc[h * chunks + c] = (vfloat)a[c];
+        }
+    }
+
+    for (int h = 0; h < num_heads; h++)
+        for (int c = 0; c < chunks; c++) {
+            const vfloat v = acc[h * chunks + c] * inv_sum[h];
+            for (int l = 0; l < LANES; l++) out[h * head_dim + interleaved_dimension(c, l)] = float_to_bf16(v[l]);
+        }
+}
+
+BF16_DOT_TARGET
+static void attend_one_bf16_dot(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                                const int32_t *block_table, int context_len, uint16_t *out, int num_heads,
+                                int num_kv_heads, int head_dim, int block_size, float scale, vfloat *work) {
+#define ATTEND(HEAD_DIM) attend_sequence_bf16_dot(q, k_cache, v_cache, block_table, context_len, out, num_heads, \
+                                                  num_kv_heads, block_size, scale, work, HEAD_DIM)
+    if (head_dim == 64) ATTEND(64);
+    else if (head_dim == 128) ATTEND(128);
+    else ATTEND(head_dim);
+#undef ATTEND
+}
+
+static int cpu_has_bf16_dot(void) { return __builtin_cpu_supports("avx512bf16"); }
+#else
+static int cpu_has_bf16_dot(void) { return 0; }
+#endif
+
+/* Whether this CPU and build take the vdpbf16ps path for bf16 caches (head_dim a multiple of 32). */
+int pce_cpu_has_bf16_dot(void) { return cpu_has_bf16_dot(); }
+
 /* q, out [num_seqs, num_heads, head_dim]; k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim];
  * block_tables [num_seqs, max_blocks_per_seq] int32; context_lens [num_seqs] int32 (0: a padding row, zero
- * output). All contiguous, of one dtype (0 fp32, 1 bf16); head_dim a multiple of 16, at most 256.
+ * output). All contiguous, of one dtype (0 fp32, 1 bf16); head_dim a multiple of 16, at most 256. bf16_dot:
+ * nonzero to take the vdpbf16ps path for bf16 where it applies (pce_cpu_has_bf16_dot), 0 for the fp32 one.
  * Returns 0; -1 when a work buffer cannot be allocated; -2 for shapes it does not take. */
 int pce_cpu_paged_decode_attention(const void *q, const void *k_cache, const void *v_cache,
                                    const int32_t *block_tables, const int32_t *context_lens, void *out,
                                    int64_t num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size,
-                                   int64_t max_blocks_per_seq, float scale, int dtype) {
+                                   int64_t max_blocks_per_seq, float scale, int dtype, int bf16_dot) {
     if (head_dim % LANES != 0 || head_dim > MAX_HEAD_DIM || num_kv_heads < 1 || num_heads % num_kv_heads != 0
         || block_size < 1 || (dtype != DTYPE_FLOAT32 && dtype != DTYPE_BFLOAT16))
         return -2;
@@ -275,6 +408,7 @@ int pce_cpu_paged_decode_attention(const void *q, const void *k_cache, const voi
     for (int64_t s = 0; s < num_seqs; s++)
         if (context_lens[s] > max_context_len) max_context_len = context_lens[s];
     const size_t work_bytes = sizeof(vfloat) * work_vectors(num_heads, num_kv_heads, head_dim, max_context_len);
+    bf16_dot = bf16_dot && dtype == DTYPE_BFLOAT16 && head_dim % 32 == 0 && cpu_has_bf16_dot();
     int failed = 0;
 #pragma omp parallel
     {
@@ -286,6 +420,15 @@ int pce_cpu_paged_decode_attention(const void *q, const void *k_cache, const voi
 #pragma omp for schedule(dynamic, 1)
         for (int64_t seq = 0; seq < num_seqs; seq++) {
             if (work == NULL) continue;
+#ifdef HAVE_BF16_DOT
+            if (bf16_dot && context_lens[seq] > 0) {
+                const int64_t row = seq * num_heads * head_dim;
+                attend_one_bf16_dot((const uint16_t *)q + row, k_cache, v_cache, block_tables + seq * max_blocks_per_seq,
+                                    context_lens[seq], (uint16_t *)out + row, num_heads, num_kv_heads, head_dim,
+                                    block_size, scale, work);
+                continue;
+            }
+#endif
             attend_one(q, k_cache, v_cache, block_tables + seq * max_blocks_per_seq, context_lens[seq], out, seq,
                        num_heads, num_kv_heads, head_dim, block_size, scale, dtype, work);
         }
