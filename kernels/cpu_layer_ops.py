@@ -19,15 +19,21 @@ from promptcot_engine.models.decoder import RMSNorm
 from promptcot_engine.models.rope import RotaryEmbedding
 
 
-def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension (rows may be strided, the last dimension contiguous)."""
+def rms_norm_cpu(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """RMSNorm over the last dimension (rows may be strided, the last dimension contiguous). With `residual`
+    (contiguous, x's shape and dtype), x is first added to it in place and the sum is normalized."""
     hidden = x.shape[-1]
     rows = x.reshape(-1, hidden)  # a view where the layout allows
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
+    if residual is not None and not (residual.shape == x.shape and residual.dtype == x.dtype
+                                     and residual.is_contiguous()):
+        raise ValueError(f"residual must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)}")
     out = torch.empty(rows.shape, dtype=x.dtype)
-    library.pce_cpu_rms_norm(rows.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), rows.shape[0], hidden,
-                             rows.stride(0), eps, DTYPE_CODES[x.dtype])
+    library.pce_cpu_rms_norm(rows.data_ptr(), None if residual is None else residual.data_ptr(),
+                             weight.contiguous().data_ptr(), out.data_ptr(), rows.shape[0], hidden, rows.stride(0), eps,
+                             DTYPE_CODES[x.dtype])
     return out.view(x.shape)
 
 
@@ -51,10 +57,14 @@ class CPURMSNorm(RMSNorm):
         self.weight = norm.weight
         self.eps = norm.eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if takes(x, self.weight) and no_grad_wanted(x, self.weight):
-            return rms_norm_cpu(x, self.weight, self.eps)
-        return super().forward(x)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            if takes(x, self.weight) and no_grad_wanted(x, self.weight):
+                return rms_norm_cpu(x, self.weight, self.eps)
+        elif (takes(x, residual, self.weight) and no_grad_wanted(x, residual, self.weight)
+              and residual.shape == x.shape and residual.is_contiguous()):
+            return rms_norm_cpu(x, self.weight, self.eps, residual), residual  # the sum, in place
+        return super().forward(x, residual)
 
 
 class CPURotaryEmbedding(RotaryEmbedding):

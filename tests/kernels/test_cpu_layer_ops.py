@@ -46,6 +46,25 @@ def test_rms_norm(dtype, rows, hidden):
         torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,hidden", [(128, 576), (5, 200), (3, 17)])
+def test_rms_norm_with_the_residual_add(dtype, rows, hidden):
+    """The fused add: the residual becomes x + residual in place, bit for bit torch's add (one rounding), and
+    the output is the norm of that sum, as the model's RMSNorm(x, residual) computes them."""
+    x = randn(rows, hidden, dtype=dtype, seed=hidden, scale=3.0)
+    residual = randn(rows, hidden, dtype=dtype, seed=hidden + 2, scale=5.0)
+    norm = RMSNorm(hidden, 1e-5).to(dtype)
+    norm.weight.data = randn(hidden, dtype=dtype, seed=hidden + 1)
+    with torch.no_grad():
+        want, want_sum = norm(x, residual)
+    kernel = CPURMSNorm(norm)
+    in_place = residual.clone()
+    with torch.no_grad():
+        got, got_sum = kernel(x, in_place)
+    assert got_sum is in_place and torch.equal(got_sum, want_sum) and torch.equal(want_sum, x + residual)
+    assert ulp_distance(got, want) <= (1 if dtype == torch.bfloat16 else 4)
+
+
 def test_rms_norm_on_strided_rows_and_heads():
     """q_norm / k_norm see [T, heads, head_dim] views of a wider projection output."""
     qkv = randn(6, 5, 32, dtype=torch.bfloat16, seed=3)
@@ -109,3 +128,8 @@ def test_gradients_fall_back_to_torch():
     x = torch.randn(4, 32, requires_grad=True)
     norm(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+    residual = torch.randn(4, 32)
+    before = residual.clone()
+    out, total = norm(x, residual)
+    (out.sum() + total.sum()).backward()
+    assert torch.equal(residual, before)  # the torch path adds out of place, as autograd needs
