@@ -1,7 +1,7 @@
 """Build hook for the C libraries in csrc/; metadata lives in pyproject.toml.
 
 - the C API library (see csrc/README.md);
-- the engine's CPU kernels (csrc/cpu/: decode attention, the KV-cache store, RMSNorm, rotary; loaded by
+- the engine's CPU kernels (csrc/cpu/: decode attention, the KV-cache store, RMSNorm, rotary, sampling; loaded by
   kernels/cpu_library.py), a plain C library with OpenMP: without a compiler the engine runs the
   same operations as torch code.
 

@@ -22,6 +22,7 @@ SIGNATURES = {
     "pce_cpu_store_kvcache": [_pointer] * 5 + [_i64] * 4 + [_i32],
     "pce_cpu_rms_norm": [_pointer] * 4 + [_i64, _i32, _i64, _f32, _i32],
     "pce_cpu_rotary": [_pointer] * 4 + [_i64, _i32, _i32, _i64, _i64, _i32],
+    "pce_cpu_sample_rows": [_pointer] * 3 + [_i64] * 3 + [_i32],
 }
 
 

@@ -24,7 +24,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # True disables CUDA graphs for decode
     attention_backend: str = "auto"
-    # on CPU, the C kernels where built (decode attention, RMSNorm, rotary: csrc/cpu/) in place of torch ops;
+    # on CPU, the C kernels where built (decode attention, RMSNorm, rotary, the sampler's draw: csrc/cpu/) in
+    # place of torch ops;
     # False: torch ops throughout (the references; the KV store's exact C copy stays)
     cpu_kernels: bool = True
 

@@ -3,8 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from promptcot_engine.engine.sampler import sample
+from promptcot_engine.engine.sampler import inverse_cdf, sample
+from promptcot_engine.kernels.cpu_library import CPU_KERNELS_AVAILABLE
+from promptcot_engine.kernels.cpu_sampler import sample_rows_cpu
 from promptcot_engine.sampling_params import SamplingParams
+
+# every draw both ways: the C sampler (where built) and torch's softmax with inverse_cdf, its reference
+DRAWS = [pytest.param(True, id="cpu-kernel", marks=pytest.mark.skipif(not CPU_KERNELS_AVAILABLE, reason="not built")),
+         pytest.param(False, id="torch")]
 
 LOGITS = np.array([2.0, 1.5, 1.2, 0.3, -0.5, -1.0, 0.9])
 
@@ -42,23 +48,25 @@ def chi_square_p_value(counts: np.ndarray, expected_probs: np.ndarray) -> float:
     return float(1 - torch.special.gammainc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
 
 
+@pytest.mark.parametrize("cpu_kernel", DRAWS)
 @pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
     (1.0, -1, 1.0, 0.0), (0.5, -1, 1.0, 0.0), (2.0, -1, 1.0, 0.0), (1.0, 3, 1.0, 0.0),
     (1.0, -1, 0.7, 0.0), (1.0, -1, 1.0, 0.3), (0.8, 4, 0.9, 0.1), (1.3, 2, 0.5, 0.0),
 ])
-def test_sampling_frequencies_match_distribution(temperature, top_k, top_p, min_p):
+def test_sampling_frequencies_match_distribution(temperature, top_k, top_p, min_p, cpu_kernel):
     n = 40_000
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     logits = torch.tensor(LOGITS, dtype=torch.float32).expand(n, -1).clone()
     generator = torch.Generator().manual_seed(1234)
-    tokens, _ = sample(logits, [params] * n, [None] * n, generator)
+    tokens, _ = sample(logits, [params] * n, [None] * n, generator, cpu_kernel=cpu_kernel)
     counts = np.bincount(tokens.numpy(), minlength=len(LOGITS))
     expected = exact_distribution(LOGITS, temperature, top_k, top_p, min_p)
     assert counts[expected == 0].sum() == 0  # truncated tokens are never drawn
     assert chi_square_p_value(counts, expected) > 1e-3
 
 
-def test_seeded_rows_use_their_own_generator():
+@pytest.mark.parametrize("cpu_kernel", DRAWS)
+def test_seeded_rows_use_their_own_generator(cpu_kernel):
     params = SamplingParams(temperature=1.0, seed=5)
     logits = torch.tensor(LOGITS, dtype=torch.float32)[None]
 
@@ -66,7 +74,8 @@ def test_seeded_rows_use_their_own_generator():
         g = torch.Generator().manual_seed(5)
         rows = torch.cat([logits, torch.randn(batch_extra, len(LOGITS))])
         gens = [g] + [None] * batch_extra
-        return [int(sample(rows, [params] * (1 + batch_extra), gens, torch.Generator().manual_seed(batch_extra))[0][0])
+        return [int(sample(rows, [params] * (1 + batch_extra), gens, torch.Generator().manual_seed(batch_extra),
+                           cpu_kernel=cpu_kernel)[0][0])
                 for _ in range(20)]
 
     assert draw(0) == draw(7)
@@ -80,15 +89,39 @@ def test_greedy_and_logprobs():
     assert torch.allclose(logprobs, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1))
 
 
-def test_frequencies_across_cdf_chunks():
+@pytest.mark.parametrize("cpu_kernel", DRAWS)
+def test_frequencies_across_cdf_chunks(cpu_kernel):
     """Tokens on both sides of the sampler's CDF chunk boundaries (1024), in a vocabulary of several chunks."""
     vocab, hot = 2500, [0, 5, 1023, 1024, 2047, 2048, 2499]
     logits = torch.full((vocab,), -30.0, dtype=torch.float64)
     logits[hot] = torch.tensor([1.0, 0.2, 1.5, -0.3, 0.8, 0.0, 1.1], dtype=torch.float64)
     n = 30_000
     tokens, _ = sample(logits.float().expand(n, -1).clone(), [SamplingParams()] * n, [None] * n,
-                       torch.Generator().manual_seed(99))
+                       torch.Generator().manual_seed(99), cpu_kernel=cpu_kernel)
     counts = np.bincount(tokens.numpy(), minlength=vocab)
     expected = logits.softmax(-1).numpy()
     assert counts[np.setdiff1d(np.arange(vocab), hot)].sum() <= 3  # the cold tokens hold ~1e-9 of the mass each
     assert chi_square_p_value(counts[hot], expected[hot] / expected[hot].sum()) > 1e-3
+
+
+@pytest.mark.skipif(not CPU_KERNELS_AVAILABLE, reason="the CPU kernels are not built (no compiler)")
+def test_cpu_draw_inverts_the_same_cdf_as_torch():
+    """Given the same uniform numbers, the C draw picks torch's token but where u falls within rounding of a
+    boundary (their chunk masses are summed in another order): on 49,152 tokens, a few rows in a thousand at
+    most. bf16 logits widen exactly, so they draw what their fp32 copy draws; -inf tokens are never drawn."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(512, 49152, generator=g) * 3
+    logits[:, 1000:1100] = float("-inf")
+    logits[7, :] = float("-inf")
+    logits[7, 40000] = 0.0  # one live token, in the last chunk
+    uniform = torch.rand(512, 1, dtype=torch.float64, generator=g)
+    uniform[:2] = torch.tensor([[0.0], [1 - 2**-53]], dtype=torch.float64)  # the ends of [0, 1)
+    want = inverse_cdf(logits.softmax(-1), uniform)
+    got = sample_rows_cpu(logits, uniform)
+    assert (got == want).sum() >= 508 and int(got[7]) == 40000
+    assert not ((got >= 1000) & (got < 1100)).any()
+    assert torch.equal(sample_rows_cpu(logits.bfloat16(), uniform), sample_rows_cpu(logits.bfloat16().float(), uniform))
+    # a vocabulary that is not a multiple of the 16 lanes or the 1024-token chunks, strided rows
+    odd = torch.randn(64, 3000, generator=g)[:, :2999]
+    u = torch.rand(64, dtype=torch.float64, generator=g)
+    assert (sample_rows_cpu(odd, u) == inverse_cdf(odd.softmax(-1), u[:, None])).sum() >= 63

@@ -153,7 +153,7 @@ class LLMEngine:
         self._suppress_stop_before_min_tokens(logits, all_seqs)
         params = [s.params for s in all_seqs]
         tokens, logprobs = sample(logits, params, [s.generator for s in all_seqs], self.generator,
-                                  want_logprobs=any(p.logprobs for p in params))
+                                  want_logprobs=any(p.logprobs for p in params), cpu_kernel=self.config.cpu_kernels)
         for i, (seq, token) in enumerate(zip(all_seqs, tokens.tolist())):
             self._append_token(seq, token, None if logprobs is None else float(logprobs[i]))
             if newly_prefilled and seq.status == SequenceStatus.RUNNING:

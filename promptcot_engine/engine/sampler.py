@@ -4,12 +4,14 @@ Greedy rows take the argmax. Other rows are scaled by temperature, truncated by 
 and sampled by inverting their CDF with one uniform number per row (a vocabulary-sized noise vector per row,
 as the Gumbel or exponential tricks need, costs more than the rest of the sampler on CPU). A seeded row
 draws its number from its own generator, so its tokens never depend on what else is in the batch;
-unseeded rows share one batched draw from the engine's generator.
+unseeded rows share one batched draw from the engine's generator. On CPU the draw itself (softmax and CDF
+inversion) runs in C where it is built (kernels/cpu_sampler.py), never writing the softmax.
 """
 from __future__ import annotations
 
 import torch
 
+from promptcot_engine.kernels.cpu_sampler import cpu_sampler_applies, sample_rows_cpu
 from promptcot_engine.sampling_params import SamplingParams
 
 
@@ -33,8 +35,12 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def processed_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Temperature, top_k, top_p and min_p applied to non-greedy rows (greedy rows pass through)."""
+    """Temperature, top_k, top_p and min_p applied to non-greedy rows (greedy rows pass through), in fp32;
+    logits come back as they are when no row asks for any."""
     device = logits.device
+    if not any(p.temperature not in (0, 1) or p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+        return logits
+    logits = logits.float()
     if any(p.temperature not in (0, 1) for p in params):
         temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
         logits = logits / temperature[:, None]
@@ -71,20 +77,21 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           default_generator: torch.Generator, want_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """logits [B, V] -> (token ids [B], log-prob of each under the unmodified model distribution, or None)."""
-    logits = logits.float()
+           default_generator: torch.Generator, want_logprobs: bool = False,
+           cpu_kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits [B, V] -> (token ids [B], log-prob of each under the unmodified model distribution, or None).
+    cpu_kernel: on CPU, draw with the C sampler (kernels/cpu_sampler.py) where it is built; False: torch's
+    softmax and `inverse_cdf`, the reference."""
     greedy = [p.greedy for p in params]
     if all(greedy):
-        tokens = logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)  # bf16 widens to fp32 exactly: the same argmax
     else:
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
         greedy_rows = [i for i, g in enumerate(greedy) if g]
         if greedy_rows:  # argmax only where wanted: over the whole batch it costs as much as the sampling
             tokens[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
         rows = [i for i, g in enumerate(greedy) if not g]
-        sampled = logits if not greedy_rows else logits[rows]
-        probs = processed_logits(sampled, [params[i] for i in rows]).softmax(dim=-1)
+        sampled = processed_logits(logits if not greedy_rows else logits[rows], [params[i] for i in rows])
         uniform = torch.empty(len(rows), 1, dtype=torch.float64, device=logits.device)
         unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
         if unseeded:
@@ -93,8 +100,15 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         for j, i in enumerate(rows):
             if generators[i] is not None:
                 uniform[j] = torch.rand(1, dtype=torch.float64, device=logits.device, generator=generators[i])
-        tokens[rows] = inverse_cdf(probs, uniform)
+        if cpu_kernel and cpu_sampler_applies(sampled):
+            drawn = sample_rows_cpu(sampled, uniform)
+        else:
+            drawn = inverse_cdf(sampled.float().softmax(dim=-1), uniform)
+        if greedy_rows:
+            tokens[rows] = drawn
+        else:
+            tokens = drawn
     logprobs = None
     if want_logprobs:
-        logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        logprobs = logits.float().log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs
