@@ -201,7 +201,9 @@ class ModelRunner:
 
         logits = None
         if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows]).float()
+            # in the model's dtype: the sampler widens what it processes (bf16 widens exactly); on CPU its C
+            # draw reads bf16 as it is, without a [rows, vocab] fp32 copy per step
+            logits = self.model.compute_logits(hidden[sample_rows])
         scores: dict[int, tuple[list[float], list[bool]]] = {}
         if score_rows:
             logprobs, is_argmax = linear_logprob(hidden[score_rows], self.model.lm_head.weight,
