@@ -11,8 +11,10 @@
  * a token's row holds them side by side, so a block is read front to back) are widened to fp32 once into a
  * small buffer that stays in L1, and every query head reads them from there. Two passes (the scores, an
  * exact softmax, then the values) cost less than an online softmax, whose rescaling per tile and head
- * outweighs reading the sequence's keys and values twice (the values are asked for during the first pass,
- * the keys two tiles ahead: blocks lie anywhere in the pool, where the hardware prefetchers do not follow).
+ * outweighs reading the sequence's keys and values twice. Blocks lie anywhere in the pool, where the hardware
+ * prefetchers do not follow, so the kernel asks for rows ahead itself, a share at each query head: the keys
+ * two tiles ahead and the tile's values during the first pass, the next sequence's first keys during the
+ * second (see Prefetches).
  * All arithmetic is fp32, from fp32 or bf16 caches; bf16 caches on CPUs with AVX512-BF16 take a second path
  * (attend_sequence_bf16_dot, below) that multiplies bf16 pairs without widening them.
  *
@@ -20,6 +22,7 @@
  * already loaded, so both share one thread pool and torch.set_num_threads governs this kernel as well.
  */
 #include "vector.h"
+#include <omp.h>
 
 enum { TILE = 16, MAX_HEAD_DIM = 256, PREFETCH_TILES = 2 };
 
@@ -110,15 +113,48 @@ VECTOR_INLINE int64_t token_row(const int32_t *block_table, int t, int block_siz
     return ((int64_t)block_table[t / block_size] * block_size + t % block_size) * token_stride;
 }
 
-/* Asks for the rows of tokens t0 .. t0 + n - 1 ahead of their use: a sequence's blocks lie anywhere in the
- * pool, where the hardware prefetchers do not follow. */
-VECTOR_INLINE void prefetch_tile(const void *cache, const int32_t *block_table, int t0, int n, int block_size,
-                                 int64_t token_stride, int element) {
-    const int64_t row_bytes = token_stride * element;
-    for (int i = 0; i < n; i++) {
-        const char *row = (const char *)cache + token_row(block_table, t0 + i, block_size, token_stride) * element;
-        for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(row + line, 0, 2);
+/* Rows asked for ahead of their use (a sequence's blocks lie anywhere in the pool, where the hardware
+ * prefetchers do not follow), a share at each step of the work before it: asked all at once, they fill the
+ * core's miss buffers and stall it until memory answers, and the arithmetic no longer hides the wait. */
+typedef struct {
+    const char *rows[(PREFETCH_TILES + 1) * TILE];
+    int count;
+} Prefetches;
+
+/* adds the cache rows (every KV head) of tokens t0 .. t0 + n - 1 */
+VECTOR_INLINE void add_rows(Prefetches *p, const void *cache, const int32_t *block_table, int t0, int n, int block_size,
+                            int64_t token_stride, int element) {
+    for (int i = 0; i < n; i++)
+        p->rows[p->count++] = (const char *)cache + token_row(block_table, t0 + i, block_size, token_stride) * element;
+}
+
+/* asks for share `step` of `steps` */
+VECTOR_INLINE void prefetch_share(const Prefetches *p, int step, int steps, int64_t row_bytes) {
+    for (int r = step * p->count / steps; r < (step + 1) * p->count / steps; r++)
+        for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(p->rows[r] + line, 0, 2);
+}
+
+/* Pass 1's requests for a tile: the keys PREFETCH_TILES tiles ahead (at the first tile, every tile up to
+ * there), and this tile's values for pass 2. */
+VECTOR_INLINE void plan_pass_one(Prefetches *p, const void *k_cache, const void *v_cache, const int32_t *block_table,
+                                 int tile, int tiles, int context_len, int block_size, int64_t token_stride,
+                                 int element) {
+    p->count = 0;
+    for (int ahead = tile == 0 ? 1 : PREFETCH_TILES; ahead <= PREFETCH_TILES && tile + ahead < tiles; ahead++) {
+        const int ta = (tile + ahead) * TILE, na = context_len - ta < TILE ? context_len - ta : TILE;
+        add_rows(p, k_cache, block_table, ta, na, block_size, token_stride, element);
     }
+    const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
+    add_rows(p, v_cache, block_table, t0, n, block_size, token_stride, element);
+}
+
+/* Pass 2's requests: the next sequence's first keys (the one this thread takes next), so that it does not
+ * start on a cold cache. */
+VECTOR_INLINE void plan_pass_two(Prefetches *p, const void *k_cache, const int32_t *next_block_table,
+                                 int next_context_len, int block_size, int64_t token_stride, int element) {
+    p->count = 0;
+    const int n = next_context_len < PREFETCH_TILES * TILE ? next_context_len : PREFETCH_TILES * TILE;
+    add_rows(p, k_cache, next_block_table, 0, n, block_size, token_stride, element);
 }
 
 /* the rows of tokens t0 .. t0 + n - 1, every KV head, into tile[i][kv head] in lane order */
@@ -140,12 +176,13 @@ VECTOR_INLINE void load_tile(const void *cache, const int32_t *block_table, int 
 VECTOR_INLINE void attend_sequence(
         const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table, int context_len,
         void *out, int64_t seq, int num_heads, int num_kv_heads, int block_size, float scale, vfloat *work,
-        const int dtype, const int head_dim) {
+        const int32_t *next_block_table, int next_context_len, const int dtype, const int head_dim) {
     const int group = num_heads / num_kv_heads, chunks = head_dim / LANES, tiles = (context_len + TILE - 1) / TILE;
     const int element = dtype == DTYPE_FLOAT32 ? 4 : 2;
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
     vfloat *rows = work, *queries = rows + TILE * num_kv_heads * chunks, *acc = queries + num_heads * chunks;
     vfloat *scores = acc + num_heads * chunks; /* [num_heads, tiles] vectors */
+    Prefetches prefetches;
 
     for (int h = 0; h < num_heads; h++) {
         load_row(q, (seq * num_heads + h) * head_dim, dtype, head_dim, queries + h * chunks);
@@ -157,20 +194,13 @@ VECTOR_INLINE void attend_sequence(
 
     for (int tile = 0; tile < tiles; tile++) {
         const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
-        if (tile == 0) /* the keys run PREFETCH_TILES tiles ahead of their use */
-            for (int ahead = 1; ahead < PREFETCH_TILES && ahead < tiles; ahead++) {
-                const int ta = ahead * TILE, na = context_len - ta < TILE ? context_len - ta : TILE;
-                prefetch_tile(k_cache, block_table, ta, na, block_size, token_stride, element);
-            }
-        if (tile + PREFETCH_TILES < tiles) {
-            const int ta = t0 + PREFETCH_TILES * TILE, na = context_len - ta < TILE ? context_len - ta : TILE;
-            prefetch_tile(k_cache, block_table, ta, na, block_size, token_stride, element);
-        }
-        prefetch_tile(v_cache, block_table, t0, n, block_size, token_stride, element); /* for the second pass */
+        plan_pass_one(&prefetches, k_cache, v_cache, block_table, tile, tiles, context_len, block_size, token_stride,
+                      element);
         load_tile(k_cache, block_table, t0, n, block_size, num_kv_heads, dtype, head_dim, rows);
         for (int i = n; i < TILE; i++) /* past the context: copies of the first row, whose scores are dropped */
             for (int c = 0; c < num_kv_heads * chunks; c++) rows[i * num_kv_heads * chunks + c] = rows[c];
         for (int h = 0; h < num_heads; h++) {
+            prefetch_share(&prefetches, h, num_heads, token_stride * element);
             const vfloat *qh = queries + h * chunks, *keys = rows + (h / group) * chunks;
             vfloat dots[TILE];
             for (int i = 0; i < TILE; i++) {
@@ -184,8 +214,10 @@ VECTOR_INLINE void attend_sequence(
     float inv_sum[num_heads];
     softmax_of_scores(scores, num_heads, tiles, context_len, inv_sum);
 
+    plan_pass_two(&prefetches, k_cache, next_block_table, next_context_len, block_size, token_stride, element);
     for (int tile = 0; tile < tiles; tile++) {
         const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
+        prefetch_share(&prefetches, tile, tiles, token_stride * element);
         load_tile(v_cache, block_table, t0, n, block_size, num_kv_heads, dtype, head_dim, rows);
         for (int h = 0; h < num_heads; h++) {
             const vfloat p = scores[h * tiles + tile], *values = rows + (h / group) * chunks;
@@ -208,14 +240,16 @@ VECTOR_INLINE void attend_sequence(
 VECTOR_CLONES
 static void attend_one(const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table,
                        int context_len, void *out, int64_t seq, int num_heads, int num_kv_heads, int head_dim,
-                       int block_size, float scale, int dtype, vfloat *work) {
+                       int block_size, float scale, int dtype, vfloat *work, const int32_t *next_block_table,
+                       int next_context_len) {
     if (context_len <= 0) { /* a padding row: zeros, as the Triton kernel writes */
         const int element = dtype == DTYPE_FLOAT32 ? 4 : 2;
         memset((char *)out + seq * num_heads * head_dim * element, 0, (size_t)num_heads * head_dim * element);
         return;
     }
 #define ATTEND(DTYPE, HEAD_DIM) attend_sequence(q, k_cache, v_cache, block_table, context_len, out, seq, num_heads, \
-                                                num_kv_heads, block_size, scale, work, DTYPE, HEAD_DIM)
+                                                num_kv_heads, block_size, scale, work, next_block_table, \
+                                                next_context_len, DTYPE, HEAD_DIM)
     /* the common head sizes get code specialized to them; other multiples of 16 the general loops */
     if (dtype == DTYPE_BFLOAT16) {
         if (head_dim == 64) ATTEND(DTYPE_BFLOAT16, 64);
@@ -256,28 +290,21 @@ VECTOR_INLINE int interleaved_dimension(int c, int l) { return 32 * (c / 2) + 4 
 BF16_DOT_INLINE void attend_sequence_bf16_dot(
         const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *block_table,
         int context_len, uint16_t *out, int num_heads, int num_kv_heads, int block_size, float scale, vfloat *work,
-        const int head_dim) {
+        const int32_t *next_block_table, int next_context_len, const int head_dim) {
     const int group = num_heads / num_kv_heads, vectors = head_dim / 32, chunks = head_dim / LANES;
     const int tiles = (context_len + TILE - 1) / TILE;
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
     __m512 *pairs = (__m512 *)work; /* [num_kv_heads, TILE / 2, chunks]: a tile's values, two tokens interleaved */
     vfloat *acc = work + num_kv_heads * (TILE / 2) * chunks, *scores = acc + num_heads * chunks;
     const uint16_t *rows[TILE];
+    Prefetches prefetches;
 
     for (int tile = 0; tile < tiles; tile++) {
         const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
-        if (tile == 0)
-            for (int ahead = 1; ahead < PREFETCH_TILES && ahead < tiles; ahead++) {
-                const int ta = ahead * TILE, na = context_len - ta < TILE ? context_len - ta : TILE;
-                prefetch_tile(k_cache, block_table, ta, na, block_size, token_stride, 2);
-            }
-        if (tile + PREFETCH_TILES < tiles) {
-            const int ta = t0 + PREFETCH_TILES * TILE, na = context_len - ta < TILE ? context_len - ta : TILE;
-            prefetch_tile(k_cache, block_table, ta, na, block_size, token_stride, 2);
-        }
-        prefetch_tile(v_cache, block_table, t0, n, block_size, token_stride, 2);
+        plan_pass_one(&prefetches, k_cache, v_cache, block_table, tile, tiles, context_len, block_size, token_stride, 2);
         tile_rows(k_cache, block_table, t0, n, block_size, token_stride, rows);
         for (int h = 0; h < num_heads; h++) {
+            prefetch_share(&prefetches, h, num_heads, token_stride * 2);
             __m512bh qh[MAX_HEAD_DIM / 32];
             for (int v = 0; v < vectors; v++) qh[v] = load_pairs(q + h * head_dim + 32 * v);
             const int64_t kv = (int64_t)(h / group) * head_dim;
@@ -293,10 +320,12 @@ BF16_DOT_INLINE void attend_sequence_bf16_dot(
     float inv_sum[num_heads];
     softmax_of_scores(scores, num_heads, tiles, context_len, inv_sum);
 
+    plan_pass_two(&prefetches, k_cache, next_block_table, next_context_len, block_size, token_stride, 2);
     for (int c = 0; c < num_heads * chunks; c++) acc[c] = broadcast(0.0f);
     for (int tile = 0; tile < tiles; tile++) {
         const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
         tile_rows(v_cache, block_table, t0, n, block_size, token_stride, rows);
+        prefetch_share(&prefetches, tile, tiles, token_stride * 2);
         for (int g = 0; g < num_kv_heads; g++)
             for (int j = 0; j < TILE / 2; j++)
                 for (int v = 0; v < vectors; v++) {
@@ -337,9 +366,11 @@ BF16_DOT_INLINE void attend_sequence_bf16_dot(
 BF16_DOT_TARGET
 static void attend_one_bf16_dot(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                                 const int32_t *block_table, int context_len, uint16_t *out, int num_heads,
-                                int num_kv_heads, int head_dim, int block_size, float scale, vfloat *work) {
+                                int num_kv_heads, int head_dim, int block_size, float scale, vfloat *work,
+                                const int32_t *next_block_table, int next_context_len) {
 #define ATTEND(HEAD_DIM) attend_sequence_bf16_dot(q, k_cache, v_cache, block_table, context_len, out, num_heads, \
-                                                  num_kv_heads, block_size, scale, work, HEAD_DIM)
+                                                  num_kv_heads, block_size, scale, work, next_block_table, \
+                                                  next_context_len, HEAD_DIM)
     if (head_dim == 64) ATTEND(64);
     else if (head_dim == 128) ATTEND(128);
     else ATTEND(head_dim);
@@ -379,20 +410,27 @@ int pce_cpu_paged_decode_attention(const void *q, const void *k_cache, const voi
 #pragma omp atomic write
             failed = 1;
         }
-#pragma omp for schedule(dynamic, 1)
+        /* static, one at a time: each thread knows the sequence it takes next (seq + threads), whose first keys
+         * it asks for during this one's second pass */
+        const int threads = omp_get_num_threads();
+#pragma omp for schedule(static, 1)
         for (int64_t seq = 0; seq < num_seqs; seq++) {
             if (work == NULL) continue;
+            const int64_t next = seq + threads;
+            const int32_t *next_block_table = block_tables + (next < num_seqs ? next : seq) * max_blocks_per_seq;
+            const int next_context_len = next < num_seqs ? context_lens[next] : 0;
 #ifdef HAVE_BF16_DOT
             if (bf16_dot && context_lens[seq] > 0) {
                 const int64_t row = seq * num_heads * head_dim;
                 attend_one_bf16_dot((const uint16_t *)q + row, k_cache, v_cache, block_tables + seq * max_blocks_per_seq,
                                     context_lens[seq], (uint16_t *)out + row, num_heads, num_kv_heads, head_dim,
-                                    block_size, scale, work);
+                                    block_size, scale, work, next_block_table, next_context_len);
                 continue;
             }
 #endif
             attend_one(q, k_cache, v_cache, block_tables + seq * max_blocks_per_seq, context_lens[seq], out, seq,
-                       num_heads, num_kv_heads, head_dim, block_size, scale, dtype, work);
+                       num_heads, num_kv_heads, head_dim, block_size, scale, dtype, work, next_block_table,
+                       next_context_len);
         }
         free(work);
     }
