@@ -12,9 +12,8 @@
  * small buffer that stays in L1, and every query head reads them from there. Two passes (the scores, an
  * exact softmax, then the values) cost less than an online softmax, whose rescaling per tile and head
  * outweighs reading the sequence's keys and values twice. Blocks lie anywhere in the pool, where the hardware
- * prefetchers do not follow, so the kernel asks for rows ahead itself, a share at each query head: the keys
- * two tiles ahead and the tile's values during the first pass, the next sequence's first keys during the
- * second (see Prefetches).
+ * prefetchers do not follow, so the kernel asks for rows ahead itself, a share at each query head of the
+ * first pass: the keys two tiles ahead and the tile's values (see Prefetches).
  * All arithmetic is fp32, from fp32 or bf16 caches; bf16 caches on CPUs with AVX512-BF16 take a second path
  * (attend_sequence_bf16_dot, below) that multiplies bf16 pairs without widening them.
  *
@@ -22,7 +21,6 @@
  * already loaded, so both share one thread pool and torch.set_num_threads governs this kernel as well.
  */
 #include "vector.h"
-#include <omp.h>
 
 enum { TILE = 16, MAX_HEAD_DIM = 256, PREFETCH_TILES = 2 };
 
@@ -134,11 +132,11 @@ VECTOR_INLINE void prefetch_share(const Prefetches *p, int step, int steps, int6
         for (int64_t line = 0; line < row_bytes; line += 64) __builtin_prefetch(p->rows[r] + line, 0, 2);
 }
 
-/* Pass 1's requests for a tile: the keys PREFETCH_TILES tiles ahead (at the first tile, every tile up to
- * there), and this tile's values for pass 2. */
-VECTOR_INLINE void plan_pass_one(Prefetches *p, const void *k_cache, const void *v_cache, const int32_t *block_table,
-                                 int tile, int tiles, int context_len, int block_size, int64_t token_stride,
-                                 int element) {
+/* The first pass's requests at a tile: the keys PREFETCH_TILES tiles ahead (at the first tile, every tile
+ * up to there), and this tile's values for the second pass. */
+VECTOR_INLINE void plan_tile_prefetches(Prefetches *p, const void *k_cache, const void *v_cache,
+                                        const int32_t *block_table, int tile, int tiles, int context_len,
+                                        int block_size, int64_t token_stride, int element) {
     p->count = 0;
     for (int ahead = tile == 0 ? 1 : PREFETCH_TILES; ahead <= PREFETCH_TILES && tile + ahead < tiles; ahead++) {
         const int ta = (tile + ahead) * TILE, na = context_len - ta < TILE ? context_len - ta : TILE;
@@ -146,15 +144,6 @@ VECTOR_INLINE void plan_pass_one(Prefetches *p, const void *k_cache, const void 
     }
     const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
     add_rows(p, v_cache, block_table, t0, n, block_size, token_stride, element);
-}
-
-/* Pass 2's requests: the next sequence's first keys (the one this thread takes next), so that it does not
- * start on a cold cache. */
-VECTOR_INLINE void plan_pass_two(Prefetches *p, const void *k_cache, const int32_t *next_block_table,
-                                 int next_context_len, int block_size, int64_t token_stride, int element) {
-    p->count = 0;
-    const int n = next_context_len < PREFETCH_TILES * TILE ? next_context_len : PREFETCH_TILES * TILE;
-    add_rows(p, k_cache, next_block_table, 0, n, block_size, token_stride, element);
 }
 
 /* the rows of tokens t0 .. t0 + n - 1, every KV head, into tile[i][kv head] in lane order */
@@ -176,7 +165,7 @@ VECTOR_INLINE void load_tile(const void *cache, const int32_t *block_table, int 
 VECTOR_INLINE void attend_sequence(
         const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table, int context_len,
         void *out, int64_t seq, int num_heads, int num_kv_heads, int block_size, float scale, vfloat *work,
-        const int32_t *next_block_table, int next_context_len, const int dtype, const int head_dim) {
+        const int dtype, const int head_dim) {
     const int group = num_heads / num_kv_heads, chunks = head_dim / LANES, tiles = (context_len + TILE - 1) / TILE;
     const int element = dtype == DTYPE_FLOAT32 ? 4 : 2;
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
@@ -194,8 +183,8 @@ VECTOR_INLINE void attend_sequence(
 
     for (int tile = 0; tile < tiles; tile++) {
         const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
-        plan_pass_one(&prefetches, k_cache, v_cache, block_table, tile, tiles, context_len, block_size, token_stride,
-                      element);
+        plan_tile_prefetches(&prefetches, k_cache, v_cache, block_table, tile, tiles, context_len, block_size,
+                             token_stride, element);
         load_tile(k_cache, block_table, t0, n, block_size, num_kv_heads, dtype, head_dim, rows);
         for (int i = n; i < TILE; i++) /* past the context: copies of the first row, whose scores are dropped */
             for (int c = 0; c < num_kv_heads * chunks; c++) rows[i * num_kv_heads * chunks + c] = rows[c];
@@ -214,10 +203,8 @@ VECTOR_INLINE void attend_sequence(
     float inv_sum[num_heads];
     softmax_of_scores(scores, num_heads, tiles, context_len, inv_sum);
 
-    plan_pass_two(&prefetches, k_cache, next_block_table, next_context_len, block_size, token_stride, element);
     for (int tile = 0; tile < tiles; tile++) {
         const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
-        prefetch_share(&prefetches, tile, tiles, token_stride * element);
         load_tile(v_cache, block_table, t0, n, block_size, num_kv_heads, dtype, head_dim, rows);
         for (int h = 0; h < num_heads; h++) {
             const vfloat p = scores[h * tiles + tile], *values = rows + (h / group) * chunks;
@@ -240,16 +227,14 @@ VECTOR_INLINE void attend_sequence(
 VECTOR_CLONES
 static void attend_one(const void *q, const void *k_cache, const void *v_cache, const int32_t *block_table,
                        int context_len, void *out, int64_t seq, int num_heads, int num_kv_heads, int head_dim,
-                       int block_size, float scale, int dtype, vfloat *work, const int32_t *next_block_table,
-                       int next_context_len) {
+                       int block_size, float scale, int dtype, vfloat *work) {
     if (context_len <= 0) { /* a padding row: zeros, as the Triton kernel writes */
         const int element = dtype == DTYPE_FLOAT32 ? 4 : 2;
         memset((char *)out + seq * num_heads * head_dim * element, 0, (size_t)num_heads * head_dim * element);
         return;
     }
 #define ATTEND(DTYPE, HEAD_DIM) attend_sequence(q, k_cache, v_cache, block_table, context_len, out, seq, num_heads, \
-                                                num_kv_heads, block_size, scale, work, next_block_table, \
-                                                next_context_len, DTYPE, HEAD_DIM)
+                                                num_kv_heads, block_size, scale, work, DTYPE, HEAD_DIM)
     /* the common head sizes get code specialized to them; other multiples of 16 the general loops */
     if (dtype == DTYPE_BFLOAT16) {
         if (head_dim == 64) ATTEND(DTYPE_BFLOAT16, 64);
@@ -290,7 +275,7 @@ VECTOR_INLINE int interleaved_dimension(int c, int l) { return 32 * (c / 2) + 4 
 BF16_DOT_INLINE void attend_sequence_bf16_dot(
         const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *block_table,
         int context_len, uint16_t *out, int num_heads, int num_kv_heads, int block_size, float scale, vfloat *work,
-        const int32_t *next_block_table, int next_context_len, const int head_dim) {
+        const int head_dim) {
     const int group = num_heads / num_kv_heads, vectors = head_dim / 32, chunks = head_dim / LANES;
     const int tiles = (context_len + TILE - 1) / TILE;
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
@@ -301,7 +286,8 @@ BF16_DOT_INLINE void attend_sequence_bf16_dot(
 
     for (int tile = 0; tile < tiles; tile++) {
         const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
-        plan_pass_one(&prefetches, k_cache, v_cache, block_table, tile, tiles, context_len, block_size, token_stride, 2);
+        plan_tile_prefetches(&prefetches, k_cache, v_cache, block_table, tile, tiles, context_len, block_size,
+                             token_stride, 2);
         tile_rows(k_cache, block_table, t0, n, block_size, token_stride, rows);
         for (int h = 0; h < num_heads; h++) {
             prefetch_share(&prefetches, h, num_heads, token_stride * 2);
@@ -320,12 +306,10 @@ BF16_DOT_INLINE void attend_sequence_bf16_dot(
     float inv_sum[num_heads];
     softmax_of_scores(scores, num_heads, tiles, context_len, inv_sum);
 
-    plan_pass_two(&prefetches, k_cache, next_block_table, next_context_len, block_size, token_stride, 2);
     for (int c = 0; c < num_heads * chunks; c++) acc[c] = broadcast(0.0f);
     for (int tile = 0; tile < tiles; tile++) {
         const int t0 = tile * TILE, n = context_len - t0 < TILE ? context_len - t0 : TILE;
         tile_rows(v_cache, block_table, t0, n, block_size, token_stride, rows);
-        prefetch_share(&prefetches, tile, tiles, token_stride * 2);
         for (int g = 0; g < num_kv_heads; g++)
             for (int j = 0; j < TILE / 2; j++)
                 for (int v = 0; v < vectors; v++) {
@@ -366,11 +350,9 @@ BF16_DOT_INLINE void attend_sequence_bf16_dot(
 BF16_DOT_TARGET
 static void attend_one_bf16_dot(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                                 const int32_t *block_table, int context_len, uint16_t *out, int num_heads,
-                                int num_kv_heads, int head_dim, int block_size, float scale, vfloat *work,
-                                const int32_t *next_block_table, int next_context_len) {
+                                int num_kv_heads, int head_dim, int block_size, float scale, vfloat *work) {
 #define ATTEND(HEAD_DIM) attend_sequence_bf16_dot(q, k_cache, v_cache, block_table, context_len, out, num_heads, \
-                                                  num_kv_heads, block_size, scale, work, next_block_table, \
-                                                  next_context_len, HEAD_DIM)
+                                                  num_kv_heads, block_size, scale, work, HEAD_DIM)
     if (head_dim == 64) ATTEND(64);
     else if (head_dim == 128) ATTEND(128);
     else ATTEND(head_dim);
@@ -410,27 +392,21 @@ int pce_cpu_paged_decode_attention(const void *q, const void *k_cache, const voi
 #pragma omp atomic write
             failed = 1;
         }
-        /* static, one at a time: each thread knows the sequence it takes next (seq + threads), whose first keys
-         * it asks for during this one's second pass */
-        const int threads = omp_get_num_threads();
-#pragma omp for schedule(static, 1)
+        /* dynamic: a thread slowed by anything else on its core hands its share to the other */
+#pragma omp for schedule(dynamic, 1)
         for (int64_t seq = 0; seq < num_seqs; seq++) {
             if (work == NULL) continue;
-            const int64_t next = seq + threads;
-            const int32_t *next_block_table = block_tables + (next < num_seqs ? next : seq) * max_blocks_per_seq;
-            const int next_context_len = next < num_seqs ? context_lens[next] : 0;
 #ifdef HAVE_BF16_DOT
             if (bf16_dot && context_lens[seq] > 0) {
                 const int64_t row = seq * num_heads * head_dim;
                 attend_one_bf16_dot((const uint16_t *)q + row, k_cache, v_cache, block_tables + seq * max_blocks_per_seq,
                                     context_lens[seq], (uint16_t *)out + row, num_heads, num_kv_heads, head_dim,
-                                    block_size, scale, work, next_block_table, next_context_len);
+                                    block_size, scale, work);
                 continue;
             }
 #endif
             attend_one(q, k_cache, v_cache, block_tables + seq * max_blocks_per_seq, context_lens[seq], out, seq,
-                       num_heads, num_kv_heads, head_dim, block_size, scale, dtype, work, next_block_table,
-                       next_context_len);
+                       num_heads, num_kv_heads, head_dim, block_size, scale, dtype, work);
         }
         free(work);
     }
