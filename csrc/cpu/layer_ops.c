@@ -1,10 +1,11 @@
-/* The decoder's elementwise steps on CPU, one call each where torch runs several ops: RMSNorm (with the
- * residual add before it) and rotary position embedding. At decode they process a few hundred KB per layer, where each torch op costs its
- * dispatch and a pass over memory; these take one pass, threads split over rows. (SiLU(gate) * up stays with
- * torch: its vectorized exp beat this file's polynomial one, 77 against 120 us for 128 x 1536 in bf16.)
+/* The decoder's elementwise steps on CPU, one call each where torch runs several ops: RMSNorm (with the residual
+ * add before it) and rotary position embedding. At decode they process a few hundred KB per layer, where each
+ * torch op costs its dispatch and a pass over memory; these take one pass, threads split over rows.
+ * (SiLU(gate) * up stays with torch: its vectorized exp beat this file's polynomial one, 77 against 120 us for
+ * 128 x 1536 in bf16, and still matches it with fused multiply-adds allowed, ~90 us each.)
  *
- * Each rounds where torch rounds, so bf16 results equal torch's bf16 ops (models/decoder.py, models/rope.py)
- * and fp32 ones equal torch's fp32 ops up to the order of a sum (RMSNorm's mean) and its rsqrt: floating
+ * Each rounds where torch rounds, so bf16 results equal torch's bf16 ops (models/decoder.py, models/rope.py) and
+ * fp32 ones equal torch's fp32 ops up to the order of a sum (RMSNorm's mean) and its rsqrt: floating
  * multiply-adds are not fused here (fp-contract=off), since torch computes x * cos + y * sin as three ops. */
 #if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF

@@ -266,7 +266,8 @@ BF16_DOT_INLINE __m512bh load_pairs(const uint16_t *src) { return (__m512bh)_mm5
 /* the rows of tokens t0 .. t0 + n - 1 of a tile; past the context, the first one's (finite, weighed 0) */
 VECTOR_INLINE void tile_rows(const uint16_t *cache, const int32_t *block_table, int t0, int n, int block_size,
                              int64_t token_stride, const uint16_t **rows) {
-    for (int i = 0; i < TILE; i++) rows[i] = cache + token_row(block_table, t0 + (i < n ? i : 0), block_size, token_stride);
+    for (int i = 0; i < TILE; i++)
+        rows[i] = cache + token_row(block_table, t0 + (i < n ? i : 0), block_size, token_stride);
 }
 
 /* the dimension lane l of accumulator c holds: unpacking 32 values interleaves each 128-bit quarter's halves */
@@ -399,9 +400,9 @@ int pce_cpu_paged_decode_attention(const void *q, const void *k_cache, const voi
 #ifdef HAVE_BF16_DOT
             if (bf16_dot && context_lens[seq] > 0) {
                 const int64_t row = seq * num_heads * head_dim;
-                attend_one_bf16_dot((const uint16_t *)q + row, k_cache, v_cache, block_tables + seq * max_blocks_per_seq,
-                                    context_lens[seq], (uint16_t *)out + row, num_heads, num_kv_heads, head_dim,
-                                    block_size, scale, work);
+                attend_one_bf16_dot((const uint16_t *)q + row, k_cache, v_cache,
+                                    block_tables + seq * max_blocks_per_seq, context_lens[seq], (uint16_t *)out + row,
+                                    num_heads, num_kv_heads, head_dim, block_size, scale, work);
                 continue;
             }
 #endif

@@ -1,5 +1,6 @@
-/* What the CPU kernels share: 16-lane fp32 vectors in GCC/Clang vector extensions, bf16 <-> fp32, lane sums
- * and maxima, and the exp of a softmax. Header-only (static inline): each kernel file compiles its own copy, clones included. */
+/* What the CPU kernels share: 16-lane fp32 vectors in GCC/Clang vector extensions, bf16 <-> fp32, lane sums and
+ * maxima, and the exp of a softmax. Header-only (static inline): each kernel file compiles its own copy, clones
+ * included. */
 #ifndef PCE_CPU_VECTOR_H
 #define PCE_CPU_VECTOR_H
 
