@@ -25,8 +25,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True disables CUDA graphs for decode
     attention_backend: str = "auto"
     # on CPU, the C kernels where built (decode attention, RMSNorm, rotary, the sampler's draw: csrc/cpu/) in
-    # place of torch ops;
-    # False: torch ops throughout (the references; the KV store's exact C copy stays)
+    # place of torch ops; False: torch ops throughout (the references; the KV store's exact C copy stays)
     cpu_kernels: bool = True
 
     def __post_init__(self):

@@ -14,14 +14,6 @@
 #endif
 #include "vector.h"
 
-VECTOR_INLINE float load_element(const void *base, int64_t i, int dtype) {
-    if (dtype == DTYPE_FLOAT32) return ((const float *)base)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 /* x rounded to the dtype, back as fp32: the value torch would hold after this op */
 VECTOR_INLINE float round_to(float x, int dtype) {
     if (dtype == DTYPE_FLOAT32) return x;

@@ -248,7 +248,7 @@ static void attend_one(const void *q, const void *k_cache, const void *v_cache, 
 #undef ATTEND
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) /* GCC's target attribute syntax */
 /* bf16 caches on CPUs with AVX512-BF16, where vdpbf16ps multiplies 32 bf16 pairs and adds each pair's two
  * products into one of 16 fp32 lanes. Products of two bf16 values are exact in fp32, so the scores need no
  * widening at all: each query row meets the cache's rows as they lie. For the values, two tokens' rows are

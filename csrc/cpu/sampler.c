@@ -13,14 +13,6 @@
 
 enum { CHUNK = 1024 };
 
-VECTOR_INLINE float load_element(const void *base, int64_t i, int dtype) {
-    if (dtype == DTYPE_FLOAT32) return ((const float *)base)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 VECTOR_INLINE float row_max(const void *row, int64_t vocab, int dtype) {
     const int64_t vectorized = vocab / LANES * LANES;
     float max = -__builtin_inff();

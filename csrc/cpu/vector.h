@@ -13,44 +13,6 @@
 #define VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
 #else
 #define VECTOR_CLONES
-VECTOR_INLINE vfloat select_lanes(vint mask, vfloat if_true, vfloat if_false) {
-    return (vfloat)((mask & (vint)if_true) | (~mask & (vint)if_false));
-}
-
-VECTOR_INLINE float max_of_lanes(vfloat v) {
-    vfloat s = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v = select_lanes(v > s, v, s);
-    s = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v = select_lanes(v > s, v, s);
-    s = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v = select_lanes(v > s, v, s);
-    s = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    v = select_lanes(v > s, v, s);
-    return v[0];
-}
-
-/* exp(x) for x <= 0 (softmax after subtracting the max), lane-wise, without a vector math library:
- * x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor polynomial to r^7 (error below one fp32 ulp),
- * 2^n put in the exponent bits. Below -87 (and at -inf) the result is under fp32's smallest normal: 0. */
-VECTOR_INLINE vfloat exp_nonpositive(vfloat x) {
-    const float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    const vint underflow = x < broadcast(-87.0f);
-    const vfloat xc = select_lanes(underflow, broadcast(-87.0f), x);
-    const vfloat n = (xc * log2e + round_magic) - round_magic;
-    const vfloat r = (xc - n * ln2_hi) - n * ln2_lo;
-    vfloat p = broadcast(1.0f / 5040.0f);
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const vfloat two_n = (vfloat)((__builtin_convertvector(n, vint) + 127) << 23);
-    return select_lanes(underflow, broadcast(0.0f), p * two_n);
-}
-
 #endif
 
 /* every helper is inlined into its caller, so that it takes the caller's clone (a call across the clone
@@ -93,6 +55,15 @@ VECTOR_INLINE vfloat load_lanes(const void *base, int64_t i, int dtype) {
         v = (vfloat)(__builtin_convertvector(h, vuint) << 16);
     }
     return v;
+}
+
+/* one element of an fp32 or bf16 array, as fp32 (the scalar tails of the vector loops) */
+VECTOR_INLINE float load_element(const void *base, int64_t i, int dtype) {
+    if (dtype == DTYPE_FLOAT32) return ((const float *)base)[i];
+    uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
 }
 
 VECTOR_INLINE vuint bf16_rounded_bits(vfloat v) {
