@@ -360,7 +360,10 @@ static void attend_one_bf16_dot(const uint16_t *q, const uint16_t *k_cache, cons
 #undef ATTEND
 }
 
-static int cpu_has_bf16_dot(void) { return __builtin_cpu_supports("avx512bf16"); }
+/* what the path was compiled for: x86-64-v4's AVX-512 subsets, and AVX512-BF16 */
+static int cpu_has_bf16_dot(void) {
+    return __builtin_cpu_supports("x86-64-v4") && __builtin_cpu_supports("avx512bf16");
+}
 #else
 static int cpu_has_bf16_dot(void) { return 0; }
 #endif
