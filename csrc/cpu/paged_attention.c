@@ -270,9 +270,6 @@ VECTOR_INLINE void tile_rows(const uint16_t *cache, const int32_t *block_table, 
         rows[i] = cache + token_row(block_table, t0 + (i < n ? i : 0), block_size, token_stride);
 }
 
-/* the dimension lane l of accumulator c holds: unpacking 32 values interleaves each 128-bit quarter's halves */
-VECTOR_INLINE int interleaved_dimension(int c, int l) { return 32 * (c / 2) + 4 * (c % 2) + 8 * (l / 4) + l % 4; }
-
 BF16_DOT_INLINE void attend_sequence_bf16_dot(
         const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int32_t *block_table,
         int context_len, uint16_t *out, int num_heads, int num_kv_heads, int block_size, float scale, vfloat *work,
@@ -327,25 +324,33 @@ BF16_DOT_INLINE void attend_sequence_bf16_dot(
             memcpy(weight_hi, &hi, sizeof weight_hi);
             memcpy(weight_lo, &lo, sizeof weight_lo);
             const __m512 *values = pairs + (h / group) * (TILE / 2) * chunks;
-            __m512 a[MAX_HEAD_DIM / LANES];
-            for (int c = 0; c < chunks; c++) a[c] = (__m512)acc[h * chunks + c];
+            __m512 a[MAX_HEAD_DIM / LANES], b[MAX_HEAD_DIM / LANES];
+            for (int c = 0; c < chunks; c++) a[c] = (__m512)acc[h * chunks + c], b[c] = _mm512_setzero_ps();
             for (int j = 0; j < TILE / 2; j++) {
                 const __m512bh wh = (__m512bh)_mm512_set1_epi32((int)weight_hi[j]);
                 const __m512bh wl = (__m512bh)_mm512_set1_epi32((int)weight_lo[j]);
                 for (int c = 0; c < chunks; c++) {
                     a[c] = _mm512_dpbf16_ps(a[c], wh, (__m512bh)values[j * chunks + c]);
-                    a[c] = _mm512_dpbf16_ps(a[c], wl, (__m512bh)values[j * chunks + c]);
+                    b[c] = _mm512_dpbf16_ps(b[c], wl, (__m512bh)values[j * chunks + c]);
                 }
             }
-            for (int c = 0; c < chunks; c++) acc[h * chunks + c] = (vfloat)a[c];
+            for (int c = 0; c < chunks; c++) acc[h * chunks + c] = (vfloat)_mm512_add_ps(a[c], b[c]);
         }
     }
 
-    for (int h = 0; h < num_heads; h++)
-        for (int c = 0; c < chunks; c++) {
-            const vfloat v = acc[h * chunks + c] * inv_sum[h];
-            for (int l = 0; l < LANES; l++) out[h * head_dim + interleaved_dimension(c, l)] = float_to_bf16(v[l]);
+    /* accumulators 2v and 2v + 1 hold the 32 dimensions from 32v in runs of four, alternately (the unpack's
+     * order): rounded to bf16, their 64-bit runs interleaved put them back in order */
+    const __m512i runs = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+    for (int h = 0; h < num_heads; h++) {
+        const __m512 inv = _mm512_set1_ps(inv_sum[h]);
+        for (int v = 0; v < vectors; v++) {
+            const __m256bh a = _mm512_cvtneps_pbh(_mm512_mul_ps((__m512)acc[h * chunks + 2 * v], inv));
+            const __m256bh b = _mm512_cvtneps_pbh(_mm512_mul_ps((__m512)acc[h * chunks + 2 * v + 1], inv));
+            _mm512_storeu_si512(out + h * head_dim + 32 * v,
+                                _mm512_permutex2var_epi64(_mm512_castsi256_si512((__m256i)a), runs,
+                                                          _mm512_castsi256_si512((__m256i)b)));
         }
+    }
 }
 
 BF16_DOT_TARGET
