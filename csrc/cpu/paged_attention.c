@@ -106,9 +106,15 @@ static int64_t work_vectors(int num_heads, int num_kv_heads, int head_dim, int m
     return (int64_t)TILE * num_kv_heads * chunks + 2 * (int64_t)num_heads * chunks + (int64_t)num_heads * tiles;
 }
 
-/* the cache row (every KV head) of token t of a sequence */
-VECTOR_INLINE int64_t token_row(const int32_t *block_table, int t, int block_size, int64_t token_stride) {
-    return ((int64_t)block_table[t / block_size] * block_size + t % block_size) * token_stride;
+/* The cache rows (every KV head), in elements, of tokens t0 .. t0 + n - 1 of a sequence: one division for
+ * the run, then steps through the block table (block_size is not a constant: each division is an idiv). */
+VECTOR_INLINE void token_rows(const int32_t *block_table, int t0, int n, int block_size, int64_t token_stride,
+                              int64_t *rows) {
+    int block = t0 / block_size, offset = t0 % block_size;
+    for (int i = 0; i < n; i++) {
+        rows[i] = ((int64_t)block_table[block] * block_size + offset) * token_stride;
+        if (++offset == block_size) offset = 0, block++;
+    }
 }
 
 /* Rows asked for ahead of their use (a sequence's blocks lie anywhere in the pool, where the hardware
@@ -122,8 +128,9 @@ typedef struct {
 /* adds the cache rows (every KV head) of tokens t0 .. t0 + n - 1 */
 VECTOR_INLINE void add_rows(Prefetches *p, const void *cache, const int32_t *block_table, int t0, int n, int block_size,
                             int64_t token_stride, int element) {
-    for (int i = 0; i < n; i++)
-        p->rows[p->count++] = (const char *)cache + token_row(block_table, t0 + i, block_size, token_stride) * element;
+    int64_t rows[TILE];
+    token_rows(block_table, t0, n, block_size, token_stride, rows);
+    for (int i = 0; i < n; i++) p->rows[p->count++] = (const char *)cache + rows[i] * element;
 }
 
 /* asks for share `step` of `steps` */
@@ -151,11 +158,11 @@ VECTOR_INLINE void load_tile(const void *cache, const int32_t *block_table, int 
                              int num_kv_heads, int dtype, int head_dim, vfloat *tile) {
     const int chunks = head_dim / LANES;
     const int64_t token_stride = (int64_t)num_kv_heads * head_dim;
-    for (int i = 0; i < n; i++) {
-        const int64_t row = token_row(block_table, t0 + i, block_size, token_stride);
+    int64_t rows[TILE];
+    token_rows(block_table, t0, n, block_size, token_stride, rows);
+    for (int i = 0; i < n; i++)
         for (int h = 0; h < num_kv_heads; h++)
-            load_row(cache, row + (int64_t)h * head_dim, dtype, head_dim, tile + (i * num_kv_heads + h) * chunks);
-    }
+            load_row(cache, rows[i] + (int64_t)h * head_dim, dtype, head_dim, tile + (i * num_kv_heads + h) * chunks);
 }
 
 /* One sequence: every query head over its `context_len` cached tokens, in two passes over tiles of 16
@@ -266,8 +273,9 @@ BF16_DOT_INLINE __m512bh load_pairs(const uint16_t *src) { return (__m512bh)_mm5
 /* the rows of tokens t0 .. t0 + n - 1 of a tile; past the context, the first one's (finite, weighed 0) */
 VECTOR_INLINE void tile_rows(const uint16_t *cache, const int32_t *block_table, int t0, int n, int block_size,
                              int64_t token_stride, const uint16_t **rows) {
-    for (int i = 0; i < TILE; i++)
-        rows[i] = cache + token_row(block_table, t0 + (i < n ? i : 0), block_size, token_stride);
+    int64_t offsets[TILE];
+    token_rows(block_table, t0, n, block_size, token_stride, offsets);
+    for (int i = 0; i < TILE; i++) rows[i] = cache + offsets[i < n ? i : 0];
 }
 
 BF16_DOT_INLINE void attend_sequence_bf16_dot(
