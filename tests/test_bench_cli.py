@@ -25,6 +25,7 @@ def test_generate_both_sides_generate_the_same_tokens(tmp_path):
     model = str(tiny_checkpoint("llama"))
     row = bench(tmp_path, "generate", "--model", model, "--num-prompts", "3", "--n", "2", "--max-tokens", "5")
     assert row["bench"] == "generate"
+    assert (row["device"], row["dtype"]) == ("cpu", "float32")  # what the figures were measured in
     assert row["generated_tokens"] == row["hf_generated_tokens"] == 3 * 2 * 5
     assert row["speedup_vs_hf"] == row["engine_tokens_per_s"] / row["hf_tokens_per_s"]
     assert row["ceiling_gflops"] > 0
@@ -53,6 +54,7 @@ def test_score_sides_agree_on_the_log_probs(tmp_path):
     row = bench(tmp_path, "score", "--model", model, "--num-pairs", "4", "--pairs-per-context", "2",
                 "--context-len", "20", "--continuation-len", "12")
     assert row["scored_tokens"] == 4 * 12
+    assert (row["device"], row["dtype"]) == ("cpu", "float32")
     # per context, its first pair computes all 32 tokens; the other reuses the context's full block of 16 and
     # computes the rest (a partial block is never shared)
     assert row["engine_prefilled_tokens"] == 2 * (20 + 12) + 2 * (20 - 16 + 12)

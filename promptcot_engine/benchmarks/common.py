@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import torch
 
 from promptcot_engine.engine.cpu_memory import release_free_memory
+from promptcot_engine.models.loader import resolve_device, resolve_dtype
 
 BENCH_QUESTIONS = [
     "Prove that the sum of two odd integers is even.", "How many positive divisors does 360 have?",
@@ -103,8 +104,12 @@ def run_side(module: str, side: str, args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def machine() -> dict:
-    info = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+def machine(device: str = "auto", dtype: str = "auto") -> dict:
+    """Where a benchmark ran, with the device and dtype its `auto` settings resolved to (the ratios differ by
+    dtype: a figure without it cannot be compared)."""
+    resolved = resolve_device(device)
+    info = {"device": str(resolved), "dtype": str(resolve_dtype(dtype, resolved)).removeprefix("torch."),
+            "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -116,7 +116,7 @@ def run_estep_bench(model: str = "smollm2-135m-instruct", num_pairs: int = 16, k
               "engine_scored_tokens_per_s": (engine["scored_tokens"] / engine["score_seconds"]
                                              if engine["scored_tokens"] else None),
               "engine_peak_extra_mb": engine["peak_extra_mb"], "engine_valid_candidates": engine["valid_candidates"],
-              **{f"engine_{k_}": v for k_, v in engine.items() if k_.startswith("decode")}, **machine()}
+              **{f"engine_{k_}": v for k_, v in engine.items() if k_.startswith("decode")}, **machine(device, dtype)}
     if compare_hf:
         hf = run_side(MODULE, "transformers", common)
         result.update({"hf_seconds": hf["seconds"], "hf_pairs_per_s": num_pairs / hf["seconds"],

@@ -23,7 +23,7 @@ def run_generate_bench(model: str = "smollm2-135m-instruct", num_prompts: int = 
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     result = {"workload": f"{num_prompts} prompts x n={n} x {max_tokens} new tokens, temperature {temperature}",
               "generated_tokens": tokens, "engine_seconds": t["seconds"], "engine_tokens_per_s": tokens / t["seconds"],
-              "preemptions": llm.engine.scheduler.num_preemptions, **machine()}
+              "preemptions": llm.engine.scheduler.num_preemptions, **machine(device, dtype)}
     flops = products_flops(llm.engine.model, [len(p) for p in prompts], n, tokens)
     ceiling = products_ceiling(llm.engine.model, rows=min(num_prompts * n, llm.engine.config.max_num_seqs))
     result.update({"products_gflop": flops / 1e9, "engine_gflops": flops / t["seconds"] / 1e9,

@@ -77,7 +77,7 @@ def run_score_bench(model: str = "smollm2-135m-instruct", num_pairs: int = 64, p
                           f"{continuation_len}-token continuations",
               "scored_tokens": scored, "engine_seconds": engine["seconds"], "engine_scored_tokens_per_s": scored / engine["seconds"],
               "engine_peak_extra_mb": engine["peak_extra_mb"], "engine_prefilled_tokens": engine["prefilled_tokens"],
-              **machine()}
+              **machine(device, dtype)}
     if compare_hf:
         hf = run_side(MODULE, "transformers", common)
         worst = max(abs(a - b) / max(abs(b), 1.0) for a, b in zip(engine["logprob_sums"], hf["logprob_sums"]))
