@@ -332,6 +332,7 @@ BF16_DOT_INLINE void attend_sequence_bf16_dot(
             memcpy(weight_hi, &hi, sizeof weight_hi);
             memcpy(weight_lo, &lo, sizeof weight_lo);
             const __m512 *values = pairs + (h / group) * (TILE / 2) * chunks;
+            /* the hi and lo parts in separate accumulators: two dependency chains of vdpbf16ps, not one */
             __m512 a[MAX_HEAD_DIM / LANES], b[MAX_HEAD_DIM / LANES];
             for (int c = 0; c < chunks; c++) a[c] = (__m512)acc[h * chunks + c], b[c] = _mm512_setzero_ps();
             for (int j = 0; j < TILE / 2; j++) {
@@ -347,7 +348,8 @@ BF16_DOT_INLINE void attend_sequence_bf16_dot(
     }
 
     /* accumulators 2v and 2v + 1 hold the 32 dimensions from 32v in runs of four, alternately (the unpack's
-     * order): rounded to bf16, their 64-bit runs interleaved put them back in order */
+     * order): rounded to bf16 (to nearest even, as torch; the instruction reads fp32 denormals as zero),
+     * their 64-bit runs interleaved put them back in order */
     const __m512i runs = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
     for (int h = 0; h < num_heads; h++) {
         const __m512 inv = _mm512_set1_ps(inv_sum[h]);
