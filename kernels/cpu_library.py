@@ -41,7 +41,13 @@ CPU_KERNELS_AVAILABLE = library is not None
 
 
 def takes(*tensors: torch.Tensor) -> bool:
-    """Built, and every tensor on the CPU in one dtype the kernels take (fp32, bf16)."""
+    """Built, and every tensor on the CPU in one dtype the kernels take (fp32, bf16). Checked once per layer
+    op at decode, so written for speed: a plain loop over cheap attributes (a generator and `device.type`
+    cost several times more)."""
     dtype = tensors[0].dtype
-    return CPU_KERNELS_AVAILABLE and dtype in DTYPE_CODES and all(t.device.type == "cpu" and t.dtype == dtype
-                                                                  for t in tensors)
+    if not CPU_KERNELS_AVAILABLE or dtype not in DTYPE_CODES:
+        return False
+    for t in tensors:
+        if t.dtype != dtype or not t.is_cpu:
+            return False
+    return True

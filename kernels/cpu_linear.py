@@ -26,6 +26,8 @@ ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 # private ops of torch's oneDNN integration (torch is pinned): without them every product stays on F.linear
 ONEDNN_AVAILABLE = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+# the op's overload itself: calling through the packet resolves it again on every call
+LINEAR_POINTWISE = torch.ops.mkldnn._linear_pointwise.default if ONEDNN_AVAILABLE else None
 
 
 def no_grad_wanted(*tensors: torch.Tensor) -> bool:
@@ -54,7 +56,7 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if packed is not None and packed[0] != weight._version:
         prepack_weight(weight)  # written in place since it was packed
         packed = weight.onednn_packed
-    return torch.ops.mkldnn._linear_pointwise(x, weight if packed is None else packed[1], bias, "none", [], "")
+    return LINEAR_POINTWISE(x, weight if packed is None else packed[1], bias, "none", [], "")
 
 
 class OneDNNLinear(nn.Linear):
@@ -67,7 +69,15 @@ class OneDNNLinear(nn.Linear):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_linear(x, self.weight, self.bias)
+        weight = self.weight
+        packed = getattr(weight, "onednn_packed", None)
+        # the engine's path, checked in a few cheap attribute reads (a decode step makes seven products a
+        # layer): a packed copy exists only where oneDNN applies to the weight; it must be current, and x of
+        # its dtype on the CPU with no gradient wanted
+        if (packed is not None and packed[0] == weight._version and x.dtype == weight.dtype and x.is_cpu
+                and not torch.is_grad_enabled()):
+            return LINEAR_POINTWISE(x, packed[1], self.bias, "none", [], "")
+        return cpu_linear(x, weight, self.bias)
 
 
 def use_onednn_linear(model: nn.Module) -> int:
