@@ -53,6 +53,20 @@ def test_in_place_write_repacks():
     torch.testing.assert_close(cpu_linear(x, w).double(), reference(x, w, None), **TOL[torch.float32])
 
 
+def test_module_in_inference_sees_an_in_place_write():
+    """OneDNNLinear's own fast path (inference, packed copy) checks the copy's version too."""
+    x, w, _ = inputs((16, 32), 24, torch.float32, seed=6)
+    layer = nn.Linear(32, 24, bias=False)
+    layer.weight = nn.Parameter(w, requires_grad=False)
+    holder = nn.Sequential(layer)
+    use_onednn_linear(holder)
+    with torch.inference_mode():
+        holder(x)
+        with torch.no_grad():
+            layer.weight.mul_(-2.0)
+        torch.testing.assert_close(holder(x).double(), reference(x, layer.weight, None), **TOL[torch.float32])
+
+
 def test_gradients_stay_on_f_linear():
     x, w, b = inputs((8, 16), 12, torch.float32, seed=4)
     w.requires_grad_(True)
