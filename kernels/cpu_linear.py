@@ -14,6 +14,11 @@ torch's default, no bf16 or tf32 rounding slips in.
 - `OneDNNLinear`: an nn.Linear whose forward is `cpu_linear`; `use_onednn_linear(model)` swaps it in for
   every nn.Linear of an inference model on the same parameters (the state dict is unchanged) and
   prepacks their weights: one more copy of them in memory, the price of the faster product.
+- `MergedProducts`: the products that read the same input (an attention's q/k/v, an MLP's gate/up) as one
+  product over their weights' rows concatenated and packed together, as vLLM's merged linear layers do;
+  `use_onednn_linear` installs them through the model's `qkv` and `gate_up` hooks. One wider product
+  instead of three or two: 460 against 485 us for q/k/v and 1155 against 1221 us for gate/up per layer
+  (SmolLM2's shapes, 128 rows, bf16).
 - The reference is F.linear in float64 (`tests/kernels/test_cpu_linear.py`).
 """
 from __future__ import annotations
@@ -80,16 +85,72 @@ class OneDNNLinear(nn.Linear):
         return cpu_linear(x, weight, self.bias)
 
 
+class MergedProducts:
+    """Callable as the model's `qkv` / `gate_up` hook: the outputs of several linear layers that read the same
+    x, from one oneDNN product over their weights' rows concatenated (and biases, where they have them),
+    packed once and packed again when any of them has been written in place since. Where oneDNN does not
+    apply (a gradient wanted, another dtype or device), each layer computes its own."""
+
+    def __init__(self, *layers: nn.Linear):
+        self.layers = layers
+        self.sizes = [layer.out_features for layer in layers]
+        self.packed_from: list[tuple[torch.Tensor, int]] = []  # each tensor packed, and its version then
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers for t in (layer.weight, layer.bias) if t is not None]
+
+    def _stale(self) -> bool:
+        current = self._tensors()
+        return len(current) != len(self.packed_from) or any(
+            t is not now or version != now._version for (t, version), now in zip(self.packed_from, current))
+
+    def _pack(self) -> None:
+        weight = torch.cat([layer.weight.detach() for layer in self.layers])
+        biases = [layer.bias for layer in self.layers]
+        self.bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.packed_from = [(t, t._version) for t in self._tensors()]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weight = self.layers[0].weight
+        if not (x.dtype == weight.dtype and x.is_cpu and not torch.is_grad_enabled()):
+            return tuple(layer(x) for layer in self.layers)
+        if self._stale():  # written in place, or replaced, since it was packed
+            self._pack()
+        return LINEAR_POINTWISE(x, self.packed, self.bias, "none", [], "").split(self.sizes, dim=-1)
+
+
+def merge_products(model: nn.Module) -> set[int]:
+    """Install MergedProducts on every module with the `qkv` or `gate_up` hook whose layers oneDNN takes
+    (one dtype, all with a bias or none); returns the ids of the weights merged (they need no packed copy
+    of their own)."""
+    merged = set()
+    groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+    for module in model.modules():
+        for hook, names in groups.items():
+            if not hasattr(type(module), hook):
+                continue
+            layers = [getattr(module, name) for name in names]
+            dtypes = {layer.weight.dtype for layer in layers}
+            if (len(dtypes) == 1 and dtypes <= set(ONEDNN_DTYPES)
+                    and len({layer.bias is None for layer in layers}) == 1):
+                setattr(module, hook, MergedProducts(*layers))  # the instance's attribute before the class's method
+                merged.update(id(layer.weight) for layer in layers)
+    return merged
+
+
 def use_onednn_linear(model: nn.Module) -> int:
-    """Swap every nn.Linear of `model` for a OneDNNLinear on the same parameters and prepack their weights;
-    returns how many. For models that only run inference on the CPU (the engine's): training keeps
-    F.linear and its backward."""
-    swapped = 0
+    """Swap every nn.Linear of `model` for a OneDNNLinear on the same parameters, merge the products that read
+    the same input, and prepack the weights of the rest; returns how many layers were swapped. For models
+    that only run inference on the CPU (the engine's): training keeps F.linear and its backward."""
+    swapped = []
     for parent in model.modules():
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, OneDNNLinear(child))
-                if ONEDNN_AVAILABLE and child.weight.dtype in ONEDNN_DTYPES:
-                    prepack_weight(child.weight)
-                swapped += 1
-    return swapped
+                swapped.append(OneDNNLinear(child))
+                setattr(parent, name, swapped[-1])
+    merged = merge_products(model) if ONEDNN_AVAILABLE else set()
+    for layer in swapped:
+        if ONEDNN_AVAILABLE and layer.weight.dtype in ONEDNN_DTYPES and id(layer.weight) not in merged:
+            prepack_weight(layer.weight)
+    return len(swapped)

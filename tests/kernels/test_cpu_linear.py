@@ -1,11 +1,12 @@
 """oneDNN products against float64 F.linear: plain and prepacked weights, staleness after an in-place
-write, the module swap keeping the model's parameters and results."""
+write, merged products, the module swap keeping the model's parameters and results."""
 import pytest
 import torch
 from torch import nn
 
-from promptcot_engine.kernels.cpu_linear import OneDNNLinear, cpu_linear, onednn_applies, prepack_weight, use_onednn_linear
-from promptcot_engine.models.decoder import DecoderForCausalLM
+from promptcot_engine.kernels.cpu_linear import (MergedProducts, OneDNNLinear, cpu_linear, onednn_applies, prepack_weight,
+                                                 use_onednn_linear)
+from promptcot_engine.models.decoder import MLP, DecoderForCausalLM, SelfAttention
 from promptcot_engine.models.model_config import ModelConfig
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -67,6 +68,59 @@ def test_module_in_inference_sees_an_in_place_write():
         torch.testing.assert_close(holder(x).double(), reference(x, layer.weight, None), **TOL[torch.float32])
 
 
+def linear_layers(dtype, bias, widths=(48, 16, 16), features=40, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for width in widths:
+        layer = nn.Linear(features, width, bias=bias).to(dtype).requires_grad_(False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(width, features, generator=g) / features ** 0.5)
+            if bias:
+                layer.bias.copy_(torch.randn(width, generator=g))
+        layers.append(layer)
+    return layers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_merged_products_equal_each_layers_own(dtype, bias):
+    layers = linear_layers(dtype, bias)
+    x = torch.randn(9, 40, generator=torch.Generator().manual_seed(8)).to(dtype)
+    with torch.inference_mode():
+        outputs = MergedProducts(*layers)(x)
+    assert [o.shape for o in outputs] == [(9, 48), (9, 16), (9, 16)]
+    for out, layer in zip(outputs, layers):
+        torch.testing.assert_close(out.double(), reference(x, layer.weight, layer.bias), **TOL[dtype])
+
+
+def test_merged_products_repack_after_one_layer_is_written():
+    layers = linear_layers(torch.float32, bias=True)
+    merged = MergedProducts(*layers)
+    x = torch.randn(5, 40)
+    with torch.inference_mode():
+        merged(x)
+        with torch.no_grad():
+            layers[1].weight.mul_(3.0)  # what load_weights does to one of them
+            layers[2].bias.add_(1.0)
+        outputs = merged(x)
+    for out, layer in zip(outputs, layers):
+        torch.testing.assert_close(out.double(), reference(x, layer.weight, layer.bias), **TOL[torch.float32])
+    layers[0].weight = nn.Parameter(layers[0].weight.detach() * -1.0, requires_grad=False)  # replaced, not written
+    with torch.inference_mode():
+        outputs = merged(x)
+    for out, layer in zip(outputs, layers):
+        torch.testing.assert_close(out.double(), reference(x, layer.weight, layer.bias), **TOL[torch.float32])
+
+
+def test_merged_products_leave_gradients_to_each_layer():
+    layers = linear_layers(torch.float32, bias=False, widths=(8, 8), features=12)
+    layers[0].weight.requires_grad_(True)
+    x = torch.randn(3, 12)
+    first, _ = MergedProducts(*layers)(x)
+    first.sum().backward()
+    torch.testing.assert_close(layers[0].weight.grad, x.sum(0)[None, :].expand(8, 12))
+
+
 def test_gradients_stay_on_f_linear():
     x, w, b = inputs((8, 16), 12, torch.float32, seed=4)
     w.requires_grad_(True)
@@ -84,9 +138,22 @@ def test_swap_keeps_parameters_state_dict_and_outputs():
     params_before = dict(model.named_parameters())
     hidden = torch.randn(5, 32)
     want = model.compute_logits(hidden)
+    x = torch.randn(5, 32)
+    want_attention = [layer.self_attn.qkv(x) for layer in model.model.layers]
+    want_mlp = [layer.mlp.gate_up(x) for layer in model.model.layers]
     assert use_onednn_linear(model) == 2 * 7 + 1
     assert all(type(m) is not nn.Linear for m in model.modules())
     assert isinstance(model.lm_head, OneDNNLinear)
+    # q/k/v and gate/up became one product each; their weights keep no packed copy of their own
+    for module in model.modules():
+        if isinstance(module, (SelfAttention, MLP)):
+            hook = module.qkv if isinstance(module, SelfAttention) else module.gate_up
+            assert isinstance(hook, MergedProducts)
+            assert not any(hasattr(layer.weight, "onednn_packed") for layer in hook.layers)
+    with torch.inference_mode():
+        for layer, attention, mlp in zip(model.model.layers, want_attention, want_mlp):
+            for got, expected in zip(layer.self_attn.qkv(x) + layer.mlp.gate_up(x), attention + mlp):
+                torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
     after = dict(model.named_parameters())
     assert after.keys() == params_before.keys() and all(after[k] is params_before[k] for k in after)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
