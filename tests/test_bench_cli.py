@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from promptcot_engine import LLM
 from promptcot_engine.benchmarks.common import run_side
-from promptcot_engine.benchmarks.products_ceiling import products_ceiling, products_flops
+from promptcot_engine.benchmarks.products_ceiling import engine_products, products_ceiling, products_flops
+from promptcot_engine.kernels.cpu_linear import ONEDNN_AVAILABLE
 from promptcot_engine.cli import main
 from tests.tiny_checkpoints import tiny_checkpoint
 
@@ -47,6 +48,8 @@ def test_products_flops_equal_a_hand_count_from_the_config():
     # the LM head at each prompt's last token and at those 3 rows of each sample
     assert products_flops(model, [5, 9], 3, 2 * 3 * 4) == 2 * ((14 + 18) * body + (2 + 18) * head)
     assert 0 < products_ceiling(model, rows=8, repeats=1) < float("inf")
+    # timed as the engine runs them: q/k/v and gate/up as one product each where oneDNN merged them
+    assert len(engine_products(model)) == config["num_hidden_layers"] * (4 if ONEDNN_AVAILABLE else 7) + 1
 
 
 def test_score_sides_agree_on_the_log_probs(tmp_path):

@@ -14,6 +14,8 @@ import time
 import torch
 from torch import nn
 
+from promptcot_engine.kernels.cpu_linear import MergedProducts
+
 
 def _linear_weights(model: nn.Module) -> dict[nn.Linear, int]:
     """Every linear layer (the LM head included) with its weight's size: the FLOPs of one row are twice their sum."""
@@ -33,21 +35,34 @@ def products_flops(model: nn.Module, prompt_lens: list[int], n: int, tokens: int
     return 2 * (body_rows * body + head_rows * head)
 
 
+def engine_products(model: nn.Module) -> list[tuple[object, int]]:
+    """The model's products as the engine calls them, each with its input width: a merged group (the `qkv` and
+    `gate_up` hooks on CPU, kernels/cpu_linear.py) as its one call, every other linear layer as itself."""
+    calls, merged = [], set()
+    for module in model.modules():
+        for hook in ("qkv", "gate_up"):
+            group = module.__dict__.get(hook)  # installed on the instance; the class's own method otherwise
+            if isinstance(group, MergedProducts):
+                calls.append((group, group.layers[0].in_features))
+                merged.update(group.layers)
+    return calls + [(m, m.in_features) for m in _linear_weights(model) if m not in merged]
+
+
 @torch.inference_mode()
 def products_ceiling(model: nn.Module, rows: int, repeats: int = 3) -> float:
     """FLOP/s of the model's linear layers (the LM head included) on `rows` rows, best of `repeats` passes:
-    every layer in turn, so that each reads its weight from memory as a decode step does."""
+    every product in turn, so that each reads its weight from memory as a decode step does."""
     param = next(model.parameters())
-    linears = _linear_weights(model)
-    inputs = {m.in_features: torch.randn(rows, m.in_features, dtype=param.dtype, device=param.device) for m in linears}
-    flops = 2 * rows * sum(linears.values())
+    calls = engine_products(model)
+    inputs = {width: torch.randn(rows, width, dtype=param.dtype, device=param.device) for _, width in calls}
+    flops = 2 * rows * sum(_linear_weights(model).values())
     seconds = []
     for _ in range(repeats + 1):  # the first pass warms up (oneDNN primitives, CUDA kernels)
         if param.is_cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for m in linears:
-            m(inputs[m.in_features])
+        for product, width in calls:
+            product(inputs[width])
         if param.is_cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
