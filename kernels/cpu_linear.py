@@ -45,6 +45,12 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.dtype in ONEDNN_DTYPES and no_grad_wanted(x, weight))
 
 
+def inference_call(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The engine's call: x in the weight's dtype, on the CPU, no gradient wanted. A few cheap attribute reads
+    (checked at every product of a decode step); `onednn_applies` is the full check."""
+    return x.dtype == weight.dtype and x.is_cpu and not torch.is_grad_enabled()
+
+
 def prepack_weight(weight: torch.Tensor) -> None:
     """Keep a copy of `weight` in oneDNN's blocked layout on the tensor itself, with the version it was
     taken at."""
@@ -76,11 +82,8 @@ class OneDNNLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         packed = getattr(weight, "onednn_packed", None)
-        # the engine's path, checked in a few cheap attribute reads (a decode step makes seven products a
-        # layer): a packed copy exists only where oneDNN applies to the weight; it must be current, and x of
-        # its dtype on the CPU with no gradient wanted
-        if (packed is not None and packed[0] == weight._version and x.dtype == weight.dtype and x.is_cpu
-                and not torch.is_grad_enabled()):
+        # the engine's path: a packed copy exists only where oneDNN applies to the weight, and it must be current
+        if packed is not None and packed[0] == weight._version and inference_call(x, weight):
             return LINEAR_POINTWISE(x, packed[1], self.bias, "none", [], "")
         return cpu_linear(x, weight, self.bias)
 
@@ -112,22 +115,23 @@ class MergedProducts:
         self.packed_from = [(t, t._version) for t in self._tensors()]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        weight = self.layers[0].weight
-        if not (x.dtype == weight.dtype and x.is_cpu and not torch.is_grad_enabled()):
+        if not inference_call(x, self.layers[0].weight):
             return tuple(layer(x) for layer in self.layers)
         if self._stale():  # written in place, or replaced, since it was packed
             self._pack()
         return LINEAR_POINTWISE(x, self.packed, self.bias, "none", [], "").split(self.sizes, dim=-1)
 
 
+# the model's hooks (models/decoder.py) and the layers each one's products come from
+MERGED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
+
+
 def merge_products(model: nn.Module) -> set[int]:
-    """Install MergedProducts on every module with the `qkv` or `gate_up` hook whose layers oneDNN takes
-    (one dtype, all with a bias or none); returns the ids of the weights merged (they need no packed copy
-    of their own)."""
+    """Install MergedProducts on every module with a MERGED_GROUPS hook whose layers oneDNN takes (one dtype,
+    all with a bias or none); returns the ids of the weights merged (they need no packed copy of their own)."""
     merged = set()
-    groups = {"qkv": ("q_proj", "k_proj", "v_proj"), "gate_up": ("gate_proj", "up_proj")}
     for module in model.modules():
-        for hook, names in groups.items():
+        for hook, names in MERGED_GROUPS.items():
             if not hasattr(type(module), hook):
                 continue
             layers = [getattr(module, name) for name in names]

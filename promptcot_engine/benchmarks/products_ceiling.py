@@ -14,7 +14,7 @@ import time
 import torch
 from torch import nn
 
-from promptcot_engine.kernels.cpu_linear import MergedProducts
+from promptcot_engine.kernels.cpu_linear import MERGED_GROUPS, MergedProducts
 
 
 def _linear_weights(model: nn.Module) -> dict[nn.Linear, int]:
@@ -40,7 +40,7 @@ def engine_products(model: nn.Module) -> list[tuple[object, int]]:
     `gate_up` hooks on CPU, kernels/cpu_linear.py) as its one call, every other linear layer as itself."""
     calls, merged = [], set()
     for module in model.modules():
-        for hook in ("qkv", "gate_up"):
+        for hook in MERGED_GROUPS:
             group = module.__dict__.get(hook)  # installed on the instance; the class's own method otherwise
             if isinstance(group, MergedProducts):
                 calls.append((group, group.layers[0].in_features))
