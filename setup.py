@@ -1,7 +1,7 @@
 """Build hook for the C libraries in csrc/; metadata lives in pyproject.toml.
 
 - the C API library (see csrc/README.md);
-- the engine's CPU kernels (csrc/cpu/: decode attention, the KV-cache store, RMSNorm, rotary, sampling; loaded by
+- the engine's CPU kernels (csrc/cpu/: decode and prefill attention, the KV-cache store, RMSNorm, rotary, sampling; loaded by
   kernels/cpu_library.py), a plain C library with OpenMP: without a compiler the engine runs the
   same operations as torch code.
 
@@ -57,7 +57,7 @@ CAPI = Extension(
 CPU_KERNELS = Extension(
     "promptcot_engine.kernels.libpromptcot_cpu",
     sources=sorted(str(p) for p in Path("csrc/cpu").glob("*.c")),
-    depends=["csrc/cpu/vector.h"],
+    depends=["csrc/cpu/vector.h", "csrc/cpu/paged_cache.h"],
     include_dirs=["csrc/cpu"],
     extra_compile_args=["-O3", "-fopenmp"],
     extra_link_args=["-fopenmp"],

@@ -13,8 +13,8 @@ import torch
 from promptcot_engine.kernels.cpu_library import CPU_KERNELS_AVAILABLE, DTYPE_CODES, LIBRARY_PATH, library, takes
 
 
-def cpu_decode_kernel_applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Built, CPU tensors of one dtype it takes (fp32, bf16), a head size it takes (a multiple of 16, <= 256)."""
+def cpu_attention_kernels_apply(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the C decode and prefill attention kernels take these: built, CPU tensors of one dtype it takes (fp32, bf16), a head size it takes (a multiple of 16, <= 256)."""
     head_dim = q.shape[-1]
     return takes(q, k_cache) and head_dim % 16 == 0 and head_dim <= 256
 
@@ -31,7 +31,7 @@ def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     dtype); the paged_decode_attention contract. Like the Triton kernel it trusts the block tables: every
     block a context reaches must be in the cache. `bf16_dot`: bf16 on a CPU with AVX512-BF16 (and head_dim a
     multiple of 32) takes the vdpbf16ps path (`has_bf16_dot`); False keeps it on the fp32 one."""
-    if not cpu_decode_kernel_applies(q, k_cache):
+    if not cpu_attention_kernels_apply(q, k_cache):
         raise RuntimeError(f"the CPU decode-attention kernel does not take q {q.dtype} {tuple(q.shape)} on {q.device} "
                            f"with a {k_cache.dtype} cache on {k_cache.device} (or is not built: {LIBRARY_PATH})")
     B, num_heads, head_dim = q.shape

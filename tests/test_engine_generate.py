@@ -45,7 +45,7 @@ def reference_runs():
 
 def test_greedy_matches_transformers(tiny_model_dir, reference_runs):
     llm = LLM(tiny_model_dir, dtype="float32", device="cpu", block_size=8, seed=0)
-    assert llm.engine.runner.cpu_decode_kernel == CPU_KERNELS_AVAILABLE  # decode runs the C kernel when built
+    assert llm.engine.runner.cpu_attention_kernels == CPU_KERNELS_AVAILABLE  # attention runs the C kernels when built
     prompts = mixed_prompts(llm.engine.model.config.vocab_size)
     expected = hf_greedy(hf_model(tiny_model_dir), prompts, sorted(llm.engine.eos_token_ids))
     assert engine_greedy(llm, prompts) == expected

@@ -20,7 +20,7 @@
  * Threads: OpenMP, built against libgomp.so.1. Loaded after torch, the library binds to the libgomp torch
  * already loaded, so both share one thread pool and torch.set_num_threads governs this kernel as well.
  */
-#include "vector.h"
+#include "paged_cache.h"
 
 enum { TILE = 16, MAX_HEAD_DIM = 256, PREFETCH_TILES = 2 };
 
@@ -104,17 +104,6 @@ VECTOR_INLINE void softmax_of_scores(vfloat *scores, int num_heads, int tiles, i
 static int64_t work_vectors(int num_heads, int num_kv_heads, int head_dim, int max_context_len) {
     const int chunks = head_dim / LANES, tiles = (max_context_len + TILE - 1) / TILE;
     return (int64_t)TILE * num_kv_heads * chunks + 2 * (int64_t)num_heads * chunks + (int64_t)num_heads * tiles;
-}
-
-/* The cache rows (every KV head), in elements, of tokens t0 .. t0 + n - 1 of a sequence: one division for
- * the run, then steps through the block table (block_size is not a constant: each division is an idiv). */
-VECTOR_INLINE void token_rows(const int32_t *block_table, int t0, int n, int block_size, int64_t token_stride,
-                              int64_t *rows) {
-    int block = t0 / block_size, offset = t0 % block_size;
-    for (int i = 0; i < n; i++) {
-        rows[i] = ((int64_t)block_table[block] * block_size + offset) * token_stride;
-        if (++offset == block_size) offset = 0, block++;
-    }
 }
 
 /* Rows asked for ahead of their use (a sequence's blocks lie anywhere in the pool, where the hardware

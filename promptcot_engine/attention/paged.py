@@ -1,10 +1,12 @@
 """Attention over the paged KV cache: the AttentionFn the model runner hands to the model each step.
 
 Every step first stores the new tokens' K/V at their slots, then attends:
-- prefill, no cached context: plain causal attention over the new tokens (flash-attn varlen on CUDA,
-  padded SDPA on CPU): nothing needs to be read back from the cache;
-- prefill with a cached prefix (prefix cache hit, a later chunk, a recompute): queries attend to the
-  sequence's cached tokens through its block table (flash-attn varlen with block_table on CUDA; a
+- prefill on CPU with the C kernels built: the C kernel (kernels/cpu_paged_prefill_attention.py) reads each
+  sequence's whole context from the cache, cached prefix or not, with no padding;
+- prefill, no cached context, otherwise: plain causal attention over the new tokens (flash-attn varlen on
+  CUDA, padded SDPA on CPU): nothing needs to be read back from the cache;
+- prefill with a cached prefix (prefix cache hit, a later chunk, a recompute), otherwise: queries attend to
+  the sequence's cached tokens through its block table (flash-attn varlen with block_table on CUDA; a
   batched torch path otherwise);
 - decode, one query per sequence: flash_attn_with_kvcache, the Triton paged-decode kernel, or on CPU the C
   kernel (kernels/cpu_paged_attention.py); where none applies, the batched torch path, which reads a prefix
@@ -19,6 +21,7 @@ import torch
 from promptcot_engine.attention.shared_prefix import SharedPrefixPlan, shared_prefix_decode_attention
 from promptcot_engine.attention.varlen import VarlenCausalAttention
 from promptcot_engine.kernels.cpu_paged_attention import paged_decode_attention_cpu
+from promptcot_engine.kernels.cpu_paged_prefill_attention import paged_prefill_attention_cpu
 from promptcot_engine.kernels.kv_cache_store import store_kvcache
 from promptcot_engine.kernels.paged_attention import (
     PagedGather,
@@ -39,7 +42,7 @@ class AttentionMetadata:
     max_seqlen_q: int
     max_context_len: int
     has_cached_context: bool  # some sequence attends to tokens computed in an earlier step
-    cpu_decode_kernel: bool = False  # decode on CPU through the C kernel
+    cpu_kernels: bool = False  # attention on CPU through the C kernels (decode and prefill)
     shared_prefix: SharedPrefixPlan | None = None  # decode on the torch backend otherwise, when sequences share blocks
     paged_gather: PagedGather | None = None  # decode on the torch backend otherwise: built once for all layers
     paged_prefill: PagedPrefill | None = None  # prefill over cached context without flash-attn: likewise
@@ -53,7 +56,7 @@ class PagedAttention:
         self.backend = backend  # "torch", "triton" or "flash" (resolved by the model runner)
         self.scale = scale
         self.fresh = None
-        if metadata.is_prefill and not metadata.has_cached_context:
+        if metadata.is_prefill and not metadata.has_cached_context and not metadata.cpu_kernels:
             self.fresh = VarlenCausalAttention(metadata.cu_seqlens_q)
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -64,6 +67,9 @@ class PagedAttention:
         if self.fresh is not None:
             return self.fresh(layer_idx, q, k, v)
         if md.is_prefill:
+            if md.cpu_kernels:
+                return paged_prefill_attention_cpu(q, md.cu_seqlens_q, k_cache, v_cache, md.block_tables,
+                                                   md.context_lens, self.scale)
             if self.backend == "flash":
                 from flash_attn import flash_attn_varlen_func
 
@@ -82,7 +88,7 @@ class PagedAttention:
         if self.backend == "triton":
             return paged_decode_attention(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale,
                                           force_triton=True)
-        if md.cpu_decode_kernel:
+        if md.cpu_kernels:
             return paged_decode_attention_cpu(q, k_cache, v_cache, md.block_tables, md.context_lens, self.scale)
         if md.shared_prefix is not None:
             return shared_prefix_decode_attention(q, k_cache, v_cache, md.shared_prefix, self.scale)

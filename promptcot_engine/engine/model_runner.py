@@ -17,7 +17,7 @@ from promptcot_engine.engine.sequence import Sequence
 from promptcot_engine.errors import InputError
 from promptcot_engine.kernels.cpu_linear import use_onednn_linear
 from promptcot_engine.kernels.cpu_layer_ops import use_cpu_layer_kernels
-from promptcot_engine.kernels.cpu_paged_attention import cpu_decode_kernel_applies
+from promptcot_engine.kernels.cpu_paged_attention import cpu_attention_kernels_apply
 from promptcot_engine.kernels.fused_logprob import linear_logprob
 from promptcot_engine.kernels.paged_attention import PagedGather, PagedPrefill
 from promptcot_engine.models.decoder import DecoderForCausalLM
@@ -67,9 +67,10 @@ class ModelRunner:
             if config.cpu_kernels:
                 use_cpu_layer_kernels(model)  # and its norms and rotary to the C kernels
         self.kv_caches = self._allocate_kv_cache()
-        # decode on CPU: the C kernel reads the paged cache where it is built and takes the model's shapes
-        self.cpu_decode_kernel = (self.backend == "torch" and config.cpu_kernels
-                                  and cpu_decode_kernel_applies(self.kv_cache[0, 0, 0], self.kv_cache[0, 0]))
+        # attention on CPU (decode and prefill): the C kernels read the paged cache where they are built and
+        # take the model's shapes
+        self.cpu_attention_kernels = (self.backend == "torch" and config.cpu_kernels
+                                      and cpu_attention_kernels_apply(self.kv_cache[0, 0, 0], self.kv_cache[0, 0]))
         self.cuda_graphs = None
         # the torch backend plans its decode from the block tables on the host each step: nothing to capture
         if self.backend in ("triton", "flash") and device.type == "cuda" and not config.enforce_eager:
@@ -162,11 +163,11 @@ class ModelRunner:
             max_context_len=max(context_lens),
             has_cached_context=any(c != q for c, q in zip(context_lens, q_lens)),
         )
-        if batch.is_prefill and metadata.has_cached_context and self.backend != "flash":
+        metadata.cpu_kernels = self.cpu_attention_kernels
+        if batch.is_prefill and metadata.has_cached_context and self.backend != "flash" and not metadata.cpu_kernels:
             metadata.paged_prefill = PagedPrefill.plan(metadata.cu_seqlens_q, metadata.block_tables,
                                                        metadata.context_lens, bs, metadata.max_seqlen_q)
-        metadata.cpu_decode_kernel = not batch.is_prefill and self.cpu_decode_kernel
-        if not batch.is_prefill and self.backend == "torch" and not self.cpu_decode_kernel:
+        if not batch.is_prefill and self.backend == "torch" and not metadata.cpu_kernels:
             metadata.shared_prefix = plan_shared_prefix([s.block_table for s in batch.seqs], context_lens, bs, dev,
                                                          self.dtype)
             if metadata.shared_prefix is None:

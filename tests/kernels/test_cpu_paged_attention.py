@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from promptcot_engine.kernels.cpu_library import CPU_KERNELS_AVAILABLE
-from promptcot_engine.kernels.cpu_paged_attention import (cpu_decode_kernel_applies, has_bf16_dot,
+from promptcot_engine.kernels.cpu_paged_attention import (cpu_attention_kernels_apply, has_bf16_dot,
                                                           paged_decode_attention_cpu)
 from tests.kernels.test_paged_attention import make_paged_cache, make_queries, naive_decode
 
@@ -116,8 +116,8 @@ def test_bf16_dot_path_is_taken_where_the_cpu_has_it():
 def test_shapes_it_does_not_take():
     q = torch.zeros(2, 4, 24)
     cache = torch.zeros(3, 16, 2, 24)
-    assert not cpu_decode_kernel_applies(q, cache)  # head_dim not a multiple of 16
-    assert not cpu_decode_kernel_applies(q.double(), cache.double())
-    assert not cpu_decode_kernel_applies(torch.zeros(2, 4, 32), torch.zeros(3, 16, 2, 32, dtype=torch.bfloat16))
+    assert not cpu_attention_kernels_apply(q, cache)  # head_dim not a multiple of 16
+    assert not cpu_attention_kernels_apply(q.double(), cache.double())
+    assert not cpu_attention_kernels_apply(torch.zeros(2, 4, 32), torch.zeros(3, 16, 2, 32, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="does not take"):
         paged_decode_attention_cpu(q, cache, cache, torch.zeros(2, 1, dtype=torch.int32), torch.ones(2), 0.2)
