@@ -1,9 +1,9 @@
 """Build hook for the C libraries in csrc/; metadata lives in pyproject.toml.
 
 - the C API library (see csrc/README.md);
-- the engine's CPU kernels (csrc/cpu/: decode and prefill attention, the KV-cache store, RMSNorm, rotary, sampling; loaded by
-  kernels/cpu_library.py), a plain C library with OpenMP: without a compiler the engine runs the
-  same operations as torch code.
+- the engine's CPU kernels (csrc/cpu/: decode and prefill attention, the KV-cache store, the log-prob
+  head's log-sum-exp, RMSNorm, rotary, sampling; loaded by kernels/cpu_library.py), a plain C library with
+  OpenMP: without a compiler the engine runs the same operations as torch code.
 
 The library is a plain shared object (not a Python extension module) that embeds CPython, so it links libpython
 and bakes in the path of the python executable doing the build: run from any C program it starts that Python,

@@ -19,6 +19,7 @@ _pointer, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctyp
 SIGNATURES = {
     "pce_cpu_paged_decode_attention": [_pointer] * 6 + [_i64] + [_i32] * 4 + [_i64, _f32, _i32, _i32],
     "pce_cpu_paged_prefill_attention": [_pointer] * 7 + [_i64] + [_i32] * 4 + [_i64, _f32, _i32],
+    "pce_cpu_logprob_tile": [_pointer] + [_i64] * 4 + [_pointer] * 5,
     "pce_cpu_has_bf16_dot": [],
     "pce_cpu_store_kvcache": [_pointer] * 5 + [_i64] * 4 + [_i32],
     "pce_cpu_rms_norm": [_pointer] * 4 + [_i64, _i32, _i64, _f32, _i32],

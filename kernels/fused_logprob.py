@@ -6,8 +6,10 @@ argmax, without ever holding the [tokens, vocab] logits of the whole batch.
   and folds them into a running log-sum-exp, max / argmax and target logit. It writes those four values
   per (vocabulary range, token), and a few torch ops merge the ranges. Splitting the vocabulary keeps
   the GPU busy when there are few token tiles.
-- `chunked_linear_logprob`: the torch path (CPU), chunked over tokens so that one chunk's fp32 logits
-  stay within a byte budget.
+- `tiled_linear_logprob_cpu` (cpu_logprob.py): the CPU path, oneDNN products a vocabulary tile at a time
+  folded into a running log-sum-exp in C.
+- `chunked_linear_logprob`: the torch path (CPU without the C kernels, float64), chunked over tokens so
+  that one chunk's fp32 logits stay within a byte budget.
 - `linear_logprob`: the dispatch, what the engine's scoring calls.
 - `linear_logprob_reference`: the plain computation (full logits, log_softmax, gather) in float64.
 
@@ -22,6 +24,7 @@ import triton.language as tl
 
 from promptcot_engine.errors import InputError
 from promptcot_engine.kernels.cpu_linear import cpu_linear
+from promptcot_engine.kernels.cpu_logprob import cpu_logprob_applies, tiled_linear_logprob_cpu
 
 IGNORE_INDEX = -100
 LOGITS_BUDGET_BYTES = 64 * 2**20  # fp32 logits per chunk of the torch path
@@ -193,9 +196,13 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                    ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
     """(logprobs fp32 [T], is_argmax bool [T]) for hidden [T, H], weight [V, H] (the LM head), targets [T]
     int64: logprobs[t] = log_softmax(hidden[t] @ weight.T)[targets[t]] with fp32 accumulation, is_argmax[t]
-    = (argmax of those logits == targets[t]). Triton on CUDA, chunked torch elsewhere."""
+    = (argmax of those logits == targets[t]). Triton on CUDA, vocabulary tiles with the C log-sum-exp on CPU
+    where they apply, chunked torch elsewhere."""
     if hidden.is_cuda:
         return fused_linear_logprob(hidden, weight, targets, ignore_index)
+    if cpu_logprob_applies(hidden, weight):
+        _check_inputs(hidden, weight, targets, ignore_index)
+        return tiled_linear_logprob_cpu(hidden, weight, targets, ignore_index)
     return chunked_linear_logprob(hidden, weight, targets, ignore_index)
 
 

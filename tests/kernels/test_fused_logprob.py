@@ -178,7 +178,7 @@ def test_chunked_path_memory_is_bounded_by_the_chunk(monkeypatch):
     budget = 64 * 1024  # 4 tokens of logits per chunk: 1/128 of the full logits
     monkeypatch.setattr(fused_logprob, "LOGITS_BUDGET_BYTES", budget)
     with torch.no_grad(), PeakNewMemory() as meter:
-        got = linear_logprob(hidden, weight, targets)  # CPU: the chunked path, with the default chunk
+        got = chunked_linear_logprob(hidden, weight, targets)  # with the default chunk
     # one chunk's logits, the [T] outputs and a few [chunk] vectors
     assert meter.peak <= 1.5 * budget, meter.peak
     assert_matches_reference(got, hidden, weight, targets, dict(rtol=1e-5, atol=1e-5))
