@@ -14,7 +14,8 @@ from promptcot_engine.kernels.cpu_library import CPU_KERNELS_AVAILABLE, DTYPE_CO
 
 
 def cpu_attention_kernels_apply(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the C decode and prefill attention kernels take these: built, CPU tensors of one dtype it takes (fp32, bf16), a head size it takes (a multiple of 16, <= 256)."""
+    """Whether the C decode and prefill attention kernels take these: built, CPU tensors of one dtype they
+    take (fp32, bf16), a head size they take (a multiple of 16, <= 256)."""
     head_dim = q.shape[-1]
     return takes(q, k_cache) and head_dim % 16 == 0 and head_dim <= 256
 
@@ -24,6 +25,23 @@ def has_bf16_dot() -> bool:
     return CPU_KERNELS_AVAILABLE and bool(library.pce_cpu_has_bf16_dot())
 
 
+def kernel_inputs(kind: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  context_lens: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The attention kernels' inputs as the C side reads them (contiguous, int32 tables and lengths) and their
+    output buffer (q's shape and dtype, contiguous; made when not given), or a clear error."""
+    if not cpu_attention_kernels_apply(q, k_cache):
+        raise RuntimeError(f"the CPU {kind}-attention kernel does not take q {q.dtype} {tuple(q.shape)} on {q.device} "
+                           f"with a {k_cache.dtype} cache on {k_cache.device} (or is not built: {LIBRARY_PATH})")
+    q = q.contiguous()
+    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # views of one layer: already contiguous
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
+    return (q, k_cache, v_cache, block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32).contiguous(),
+            out)
+
+
 def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                                out: torch.Tensor | None = None, bf16_dot: bool = True) -> torch.Tensor:
@@ -31,19 +49,10 @@ def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     dtype); the paged_decode_attention contract. Like the Triton kernel it trusts the block tables: every
     block a context reaches must be in the cache. `bf16_dot`: bf16 on a CPU with AVX512-BF16 (and head_dim a
     multiple of 32) takes the vdpbf16ps path (`has_bf16_dot`); False keeps it on the fp32 one."""
-    if not cpu_attention_kernels_apply(q, k_cache):
-        raise RuntimeError(f"the CPU decode-attention kernel does not take q {q.dtype} {tuple(q.shape)} on {q.device} "
-                           f"with a {k_cache.dtype} cache on {k_cache.device} (or is not built: {LIBRARY_PATH})")
+    q, k_cache, v_cache, block_tables, context_lens, out = kernel_inputs("decode", q, k_cache, v_cache, block_tables,
+                                                                         context_lens, out)
     B, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    q = q.contiguous()
-    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # views of one layer: already contiguous
-    block_tables = block_tables.to(torch.int32).contiguous()
-    context_lens = context_lens.to(torch.int32).contiguous()
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
     if B == 0:
         return out
     status = library.pce_cpu_paged_decode_attention(

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from promptcot_engine.kernels.cpu_library import DTYPE_CODES, LIBRARY_PATH, library
-from promptcot_engine.kernels.cpu_paged_attention import cpu_attention_kernels_apply
+from promptcot_engine.kernels.cpu_library import DTYPE_CODES, library
+from promptcot_engine.kernels.cpu_paged_attention import kernel_inputs
 
 
 def paged_prefill_attention_cpu(q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor,
@@ -20,20 +20,11 @@ def paged_prefill_attention_cpu(q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_c
     """q [T, num_heads, head_dim] -> [T, num_heads, head_dim] (into `out` when given: contiguous, q's shape and
     dtype); the paged_prefill_attention_torch contract. It trusts the block tables: every block a context
     reaches must be in the cache."""
-    if not cpu_attention_kernels_apply(q, k_cache):
-        raise RuntimeError(f"the CPU prefill-attention kernel does not take q {q.dtype} {tuple(q.shape)} on {q.device} "
-                           f"with a {k_cache.dtype} cache on {k_cache.device} (or is not built: {LIBRARY_PATH})")
+    q, k_cache, v_cache, block_tables, context_lens, out = kernel_inputs("prefill", q, k_cache, v_cache, block_tables,
+                                                                         context_lens, out)
     T, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    q = q.contiguous()
-    k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()  # views of one layer: already contiguous
-    block_tables = block_tables.to(torch.int32).contiguous()
-    context_lens = context_lens.to(torch.int32).contiguous()
     cu_seqlens_q = cu_seqlens_q.to(torch.int32).contiguous()
-    if out is None:
-        out = torch.empty_like(q)
-    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}")
     if int(cu_seqlens_q[-1]) != T:
         raise ValueError(f"cu_seqlens_q ends at {int(cu_seqlens_q[-1])}, q holds {T} tokens")
     status = library.pce_cpu_paged_prefill_attention(
