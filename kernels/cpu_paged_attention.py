@@ -59,9 +59,13 @@ def paged_decode_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
         out.data_ptr(), B, num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1], scale,
         DTYPE_CODES[q.dtype], int(bf16_dot))
-    if status == -1:
-        raise MemoryError("paged_decode_attention_cpu: no memory for its per-thread buffers")
-    if status != 0:
-        raise ValueError(f"paged_decode_attention_cpu: shapes it does not take: q {tuple(q.shape)}, "
-                         f"cache {tuple(k_cache.shape)}")
+    raise_for_status(status, "paged_decode_attention_cpu", q, k_cache)
     return out
+
+
+def raise_for_status(status: int, name: str, q: torch.Tensor, k_cache: torch.Tensor, detail: str = "") -> None:
+    """The attention kernels' return codes as exceptions: -1 no memory, -2 inputs the kernel does not take."""
+    if status == -1:
+        raise MemoryError(f"{name}: no memory for its work buffers")
+    if status != 0:
+        raise ValueError(f"{name}: shapes it does not take: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}{detail}")

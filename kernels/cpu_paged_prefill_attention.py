@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from promptcot_engine.kernels.cpu_library import DTYPE_CODES, library
-from promptcot_engine.kernels.cpu_paged_attention import kernel_inputs
+from promptcot_engine.kernels.cpu_paged_attention import kernel_inputs, raise_for_status
 
 
 def paged_prefill_attention_cpu(q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor,
@@ -31,9 +31,6 @@ def paged_prefill_attention_cpu(q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_c
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), context_lens.data_ptr(),
         cu_seqlens_q.data_ptr(), out.data_ptr(), context_lens.shape[0], num_heads, num_kv_heads, head_dim,
         block_size, block_tables.shape[1], scale, DTYPE_CODES[q.dtype])
-    if status == -1:
-        raise MemoryError("paged_prefill_attention_cpu: no memory for its work buffers")
-    if status != 0:
-        raise ValueError(f"paged_prefill_attention_cpu: shapes or lengths it does not take: q {tuple(q.shape)}, "
-                         f"cache {tuple(k_cache.shape)}, a sequence with more new tokens than context")
+    raise_for_status(status, "paged_prefill_attention_cpu", q, k_cache,
+                     " (or a sequence with more new tokens than context)")
     return out
