@@ -22,7 +22,7 @@
  */
 #include "paged_cache.h"
 
-enum { TILE = 16, MAX_HEAD_DIM = 256, PREFETCH_TILES = 2 };
+enum { TILE = 16, PREFETCH_TILES = 2 };
 
 /* A row of head_dim values as fp32 vectors in the kernel's lane order. fp32: the row as it is. bf16: each
  * 32 values are read as 16 pairs and split into the even ones (shifted up) and the odd ones (masked), which
@@ -231,16 +231,7 @@ static void attend_one(const void *q, const void *k_cache, const void *v_cache, 
     }
 #define ATTEND(DTYPE, HEAD_DIM) attend_sequence(q, k_cache, v_cache, block_table, context_len, out, seq, num_heads, \
                                                 num_kv_heads, block_size, scale, work, DTYPE, HEAD_DIM)
-    /* the common head sizes get code specialized to them; other multiples of 16 the general loops */
-    if (dtype == DTYPE_BFLOAT16) {
-        if (head_dim == 64) ATTEND(DTYPE_BFLOAT16, 64);
-        else if (head_dim == 128) ATTEND(DTYPE_BFLOAT16, 128);
-        else ATTEND(DTYPE_BFLOAT16, head_dim);
-    } else {
-        if (head_dim == 64) ATTEND(DTYPE_FLOAT32, 64);
-        else if (head_dim == 128) ATTEND(DTYPE_FLOAT32, 128);
-        else ATTEND(DTYPE_FLOAT32, head_dim);
-    }
+    DISPATCH_DTYPE_AND_HEAD_DIM(ATTEND, dtype, head_dim);
 #undef ATTEND
 }
 
@@ -384,9 +375,7 @@ int pce_cpu_paged_decode_attention(const void *q, const void *k_cache, const voi
                                    const int32_t *block_tables, const int32_t *context_lens, void *out,
                                    int64_t num_seqs, int num_heads, int num_kv_heads, int head_dim, int block_size,
                                    int64_t max_blocks_per_seq, float scale, int dtype, int bf16_dot) {
-    if (head_dim % LANES != 0 || head_dim > MAX_HEAD_DIM || num_kv_heads < 1 || num_heads % num_kv_heads != 0
-        || block_size < 1 || (dtype != DTYPE_FLOAT32 && dtype != DTYPE_BFLOAT16))
-        return -2;
+    if (!attention_shapes_taken(num_heads, num_kv_heads, head_dim, block_size, dtype)) return -2;
     int max_context_len = 1;
     for (int64_t s = 0; s < num_seqs; s++)
         if (context_lens[s] > max_context_len) max_context_len = context_lens[s];
@@ -395,11 +384,7 @@ int pce_cpu_paged_decode_attention(const void *q, const void *k_cache, const voi
     int failed = 0;
 #pragma omp parallel
     {
-        vfloat *work = aligned_alloc(sizeof(vfloat), work_bytes);
-        if (work == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        vfloat *work = thread_buffer(work_bytes, &failed);
         /* dynamic: a thread slowed by anything else on its core hands its share to the other */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t seq = 0; seq < num_seqs; seq++) {

@@ -22,7 +22,7 @@
  */
 #include "paged_cache.h"
 
-enum { ROWS = LANES, KEYS = 16, MAX_PREFILL_HEAD_DIM = 256 };
+enum { ROWS = LANES, KEYS = 16 };
 
 /* Per-thread buffers, in vectors: the block's queries transposed, its output rows, a tile of keys and one of
  * values in fp32, the tile's softmax weights. */
@@ -133,15 +133,7 @@ static void attend_prefill_block(const void *q, const void *k_cache, const void 
                                  float scale, int dtype, vfloat *work) {
 #define ATTEND(DTYPE, HEAD_DIM) attend_row_block(q, k_cache, v_cache, block_table, context_len, q_len, q_start, out, \
                                                  g, r0, num_heads, num_kv_heads, block_size, scale, work, DTYPE, HEAD_DIM)
-    if (dtype == DTYPE_BFLOAT16) {
-        if (head_dim == 64) ATTEND(DTYPE_BFLOAT16, 64);
-        else if (head_dim == 128) ATTEND(DTYPE_BFLOAT16, 128);
-        else ATTEND(DTYPE_BFLOAT16, head_dim);
-    } else {
-        if (head_dim == 64) ATTEND(DTYPE_FLOAT32, 64);
-        else if (head_dim == 128) ATTEND(DTYPE_FLOAT32, 128);
-        else ATTEND(DTYPE_FLOAT32, head_dim);
-    }
+    DISPATCH_DTYPE_AND_HEAD_DIM(ATTEND, dtype, head_dim);
 #undef ATTEND
 }
 
@@ -155,9 +147,7 @@ int pce_cpu_paged_prefill_attention(const void *q, const void *k_cache, const vo
                                     const int32_t *cu_seqlens_q, void *out, int64_t num_seqs, int num_heads,
                                     int num_kv_heads, int head_dim, int block_size, int64_t max_blocks_per_seq,
                                     float scale, int dtype) {
-    if (head_dim % LANES != 0 || head_dim > MAX_PREFILL_HEAD_DIM || num_kv_heads < 1 || num_heads % num_kv_heads != 0
-        || block_size < 1 || (dtype != DTYPE_FLOAT32 && dtype != DTYPE_BFLOAT16))
-        return -2;
+    if (!attention_shapes_taken(num_heads, num_kv_heads, head_dim, block_size, dtype)) return -2;
     const int group = num_heads / num_kv_heads;
     int64_t items = 0;
     for (int64_t s = 0; s < num_seqs; s++) {
@@ -180,11 +170,7 @@ int pce_cpu_paged_prefill_attention(const void *q, const void *k_cache, const vo
     int failed = 0;
 #pragma omp parallel
     {
-        vfloat *work = aligned_alloc(sizeof(vfloat), work_bytes);
-        if (work == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        vfloat *work = thread_buffer(work_bytes, &failed);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < items; i++) {
             if (work == NULL) continue;

@@ -91,11 +91,7 @@ int pce_cpu_sample_rows(const void *logits, const double *uniform, int64_t *toke
     int failed = 0;
 #pragma omp parallel
     {
-        double *cdf = malloc(sizeof(double) * (chunks > 0 ? chunks : 1));
-        if (cdf == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        double *cdf = thread_buffer(sizeof(double) * (chunks > 0 ? chunks : 1), &failed);
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++)
             if (cdf != NULL)

@@ -1,6 +1,6 @@
 /* What the CPU kernels share: 16-lane fp32 vectors in GCC/Clang vector extensions, bf16 <-> fp32, lane sums and
- * maxima, and the exp of a softmax. Header-only (static inline): each kernel file compiles its own copy, clones
- * included. */
+ * maxima, the exp of a softmax, and their threads' work buffers. Header-only (static inline): each kernel file
+ * compiles its own copy, clones included. */
 #ifndef PCE_CPU_VECTOR_H
 #define PCE_CPU_VECTOR_H
 
@@ -131,6 +131,17 @@ VECTOR_INLINE vfloat exp_nonpositive(vfloat x) {
     p = p * r + 1.0f;
     const vfloat two_n = (vfloat)((__builtin_convertvector(n, vint) + 127) << 23);
     return select_lanes(underflow, broadcast(0.0f), p * two_n);
+}
+
+/* A thread's work buffer inside a kernel's parallel region, aligned for vectors; NULL when it cannot be had,
+ * and then *failed is set (the kernel skips its share and returns -1). */
+static inline void *thread_buffer(size_t bytes, int *failed) {
+    void *buffer = aligned_alloc(sizeof(vfloat), (bytes + sizeof(vfloat) - 1) / sizeof(vfloat) * sizeof(vfloat));
+    if (buffer == NULL) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return buffer;
 }
 
 #endif
