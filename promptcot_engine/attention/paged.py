@@ -45,7 +45,7 @@ class AttentionMetadata:
     cpu_kernels: bool = False  # attention on CPU through the C kernels (decode and prefill)
     shared_prefix: SharedPrefixPlan | None = None  # decode on the torch backend otherwise, when sequences share blocks
     paged_gather: PagedGather | None = None  # decode on the torch backend otherwise: built once for all layers
-    paged_prefill: PagedPrefill | None = None  # prefill over cached context without flash-attn: likewise
+    paged_prefill: PagedPrefill | None = None  # prefill over cached context, neither flash-attn nor C: likewise
 
 
 class PagedAttention:

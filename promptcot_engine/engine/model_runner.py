@@ -162,8 +162,8 @@ class ModelRunner:
             max_seqlen_q=max(q_lens),
             max_context_len=max(context_lens),
             has_cached_context=any(c != q for c, q in zip(context_lens, q_lens)),
+            cpu_kernels=self.cpu_attention_kernels,
         )
-        metadata.cpu_kernels = self.cpu_attention_kernels
         if batch.is_prefill and metadata.has_cached_context and self.backend != "flash" and not metadata.cpu_kernels:
             metadata.paged_prefill = PagedPrefill.plan(metadata.cu_seqlens_q, metadata.block_tables,
                                                        metadata.context_lens, bs, metadata.max_seqlen_q)
