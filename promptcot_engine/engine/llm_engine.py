@@ -133,6 +133,8 @@ class LLMEngine:
                     self._finish(seq, "stop", None)
         if sample_seqs:
             self._sample(sample_seqs, logits, batch.is_prefill)  # reads the sampled tokens: waits for the device
+        if self.device.type == "cuda":  # a step with nothing to read back has only queued its kernels
+            torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
         if batch.is_prefill:
             stats.prefill_seconds += elapsed
@@ -154,8 +156,10 @@ class LLMEngine:
         params = [s.params for s in all_seqs]
         tokens, logprobs = sample(logits, params, [s.generator for s in all_seqs], self.generator,
                                   want_logprobs=any(p.logprobs for p in params), cpu_kernel=self.config.cpu_kernels)
-        for i, (seq, token) in enumerate(zip(all_seqs, tokens.tolist())):
-            self._append_token(seq, token, None if logprobs is None else float(logprobs[i]))
+        # one device-to-host copy each: indexing a CUDA tensor per row would wait on the device once per row
+        token_logprobs = [None] * len(all_seqs) if logprobs is None else logprobs.tolist()
+        for seq, token, logprob in zip(all_seqs, tokens.tolist(), token_logprobs):
+            self._append_token(seq, token, logprob)
             if newly_prefilled and seq.status == SequenceStatus.RUNNING:
                 self.scheduler.admit_prefilled(seq)
 
