@@ -14,9 +14,9 @@ import torch
 from promptcot_engine import LLM
 from promptcot_engine.em.config import EMConfig
 from promptcot_engine.em.estep import sample_and_score, select_winners
-from promptcot_engine.em.loop import run_em
 from promptcot_engine.em.run_store import RunStore
 from promptcot_engine.em.templates import prompt_model_prompt, prompt_model_segments
+from promptcot_engine.errors import InputError
 from tests.reference import hf_model
 from tests.tiny_checkpoints import tiny_checkpoint
 
@@ -128,6 +128,17 @@ def test_argmax_selection():
     winners, unchanged = select_winners(triples, candidates)
     assert [w["rationale"] for w in winners] == ["a1", "old b", "c0"]  # a tie goes to the lowest k
     assert unchanged == 1 and winners[1]["reward"] is None
+
+
+def test_the_loops_engines_take_a_share_of_the_gpu_each():
+    """q's and p's engines live side by side with their trainers: each takes the configured share, not 0.9."""
+    llm = EMConfig(kv_cache_gb=0.25).make_llm(str(tiny_checkpoint("llama")))
+    assert llm.engine.config.gpu_memory_utilization == EMConfig().gpu_memory_utilization < 0.5
+    assert EMConfig(gpu_memory_utilization=0.45).make_llm(str(tiny_checkpoint("llama"))).engine.config \
+        .gpu_memory_utilization == 0.45
+    for bad in (0, 1.5, "half"):
+        with pytest.raises(InputError, match="gpu_memory_utilization"):
+            EMConfig(gpu_memory_utilization=bad)
 
 
 def output_ids(run_dir: Path) -> dict:

@@ -16,8 +16,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @cuda
 @pytest.mark.parametrize("backend,enforce_eager", [("triton", False), ("triton", True), ("torch", True)])
 def test_greedy_matches_transformers_on_cuda(tiny_model_dir, backend, enforce_eager):
+    # 16 sequences at most: the prompts fit, and only graphs of up to 16 rows are captured
     llm = LLM(tiny_model_dir, dtype="float32", device="cuda", attention_backend=backend, enforce_eager=enforce_eager,
-              seed=0)
+              seed=0, max_num_seqs=16)
     assert llm.engine.runner.backend == backend
     assert (llm.engine.runner.cuda_graphs is not None) == (not enforce_eager)
     prompts = mixed_prompts(llm.engine.model.config.vocab_size)
@@ -38,7 +39,7 @@ def test_preemption_and_chunked_prefill_on_cuda(tiny_llama_dir):
 
 @cuda
 def test_score_matches_transformers_on_cuda(tiny_model_dir):
-    llm = LLM(tiny_model_dir, dtype="float32", device="cuda")
+    llm = LLM(tiny_model_dir, dtype="float32", device="cuda", max_num_seqs=16)
     ref = hf_model(tiny_model_dir).cuda()
     vocab = llm.engine.model.config.vocab_size
     shared = random_pairs(vocab, [(37, 1)])[0][0]
@@ -49,6 +50,30 @@ def test_score_matches_transformers_on_cuda(tiny_model_dir):
         expected, greedy = hf_token_logprobs(ref, context, continuation)
         assert torch.allclose(torch.tensor(result.token_logprobs), expected, atol=TOL, rtol=0)
         assert result.is_greedy == greedy
+
+
+@cuda
+def test_two_engines_in_one_process_each_get_their_share(tiny_llama_dir):
+    """The EM loop's q and p: the second engine's KV cache is its own share, not what the first one left."""
+    total = torch.cuda.mem_get_info()[1]
+    # a small share (each block is a Python object in the block manager), and room for all of it to be useful
+    first, second = (LLM(tiny_llama_dir, dtype="float32", device="cuda", gpu_memory_utilization=0.02,
+                         max_num_seqs=1 << 20, enforce_eager=True) for _ in range(2))
+    for llm in (first, second):
+        cache_bytes = llm.engine.runner.kv_cache.numel() * llm.engine.runner.kv_cache.element_size()
+        assert 0.015 * total < cache_bytes <= 0.02 * total
+    assert abs(first.engine.runner.num_blocks - second.engine.runner.num_blocks) <= 0.01 * first.engine.runner.num_blocks
+
+
+def test_cuda_kv_cache_budget_is_each_engines_share():
+    GB = 1 << 30
+    # a lone engine: its share less its weights and activations
+    assert model_runner.cuda_kv_cache_budget(100 * GB, 95 * GB, 0.9, 2 * GB, 3 * GB) == 85 * GB
+    # a second engine of the same size after the first took 30 GB: the same share, from what is free
+    assert model_runner.cuda_kv_cache_budget(100 * GB, 65 * GB, 0.3, 2 * GB, 3 * GB) == 25 * GB
+    # never more than is free beside the activations, whatever the share says
+    assert model_runner.cuda_kv_cache_budget(100 * GB, 20 * GB, 0.9, 2 * GB, 3 * GB) == 17 * GB
+    assert model_runner.cuda_kv_cache_budget(100 * GB, 2 * GB, 0.9, 2 * GB, 3 * GB) < 0
 
 
 @pytest.mark.parametrize("requested,dtype,block_size,installed,expected", [

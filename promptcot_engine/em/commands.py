@@ -44,6 +44,7 @@ def _em_options(f):
         click.option("--dtype", help="auto, float32, bfloat16 or float16."),
         click.option("--device", help="auto, cpu, cuda or cuda:N."),
         click.option("--kv-cache-gb", type=float, help="KV cache budget of each engine."),
+        click.option("--gpu-memory-utilization", type=float, help="Each engine's share of the GPU (default 0.3)."),
     ]):
         f = decorator(f)
     return f

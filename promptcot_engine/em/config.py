@@ -46,6 +46,9 @@ class EMConfig:
     dtype: str = "auto"
     device: str = "auto"
     kv_cache_gb: float | None = None
+    # each engine's share of a GPU (weights, activations, KV cache): q's and p's engines live side by side
+    # with their trainers, so neither may take the 0.9 a lone engine does
+    gpu_memory_utilization: float = 0.3
     max_num_seqs: int = 256
 
     def __post_init__(self):
@@ -64,15 +67,16 @@ class EMConfig:
         for name in ("cold_start_lr", "em_lr", "synthesis_temperature", "estep_temperature", "warmup"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 bad(name, "a number >= 0")
-        if not 0 < self.synthesis_top_p <= 1:
-            bad("synthesis_top_p", "in (0, 1]")
+        for name in ("synthesis_top_p", "gpu_memory_utilization"):
+            if not isinstance(getattr(self, name), (int, float)) or not 0 < getattr(self, name) <= 1:
+                bad(name, "in (0, 1]")
 
     def make_llm(self, model: str):
         """An inference engine for `model` with this run's engine settings."""
         from promptcot_engine.engine.llm import LLM
 
         return LLM(model, dtype=self.dtype, device=self.device, seed=self.seed, max_num_seqs=self.max_num_seqs,
-                   kv_cache_memory_gb=self.kv_cache_gb)
+                   kv_cache_memory_gb=self.kv_cache_gb, gpu_memory_utilization=self.gpu_memory_utilization)
 
     @property
     def teacher_model(self) -> str:

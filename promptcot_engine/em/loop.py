@@ -42,8 +42,8 @@ from promptcot_engine.jsonl import atomic_write_text
 from promptcot_engine.models.loader import resolve_device
 
 # settings that may change between a run and its resumption without changing what was already computed
-_RESUMABLE_CHANGES = {"run_dir", "device", "dtype", "kv_cache_gb", "max_num_seqs", "iterations", "num_problems",
-                      "synthesis_max_tokens", "keep_checkpoints"}
+_RESUMABLE_CHANGES = {"run_dir", "device", "dtype", "kv_cache_gb", "gpu_memory_utilization", "max_num_seqs",
+                      "iterations", "num_problems", "synthesis_max_tokens", "keep_checkpoints"}
 
 
 class EMRun:

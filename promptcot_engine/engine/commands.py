@@ -17,7 +17,7 @@ def engine_options(f):
         click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--max-num-seqs", default=256, show_default=True, help="Sequences decoded together."),
-        click.option("--kv-cache-gb", type=float, default=None, help="KV cache budget (default: profiled / 4 GiB on CPU)."),
+        click.option("--kv-cache-gb", type=float, default=None, help="KV cache budget (default: profiled on GPU; 2 GiB on CPU)."),
     ]):
         f = decorator(f)
     return f

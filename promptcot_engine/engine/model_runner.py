@@ -46,6 +46,14 @@ def resolve_attention_backend(requested: str, device: torch.device, dtype: torch
     return requested
 
 
+def cuda_kv_cache_budget(total: int, free: int, utilization: float, weights: int, activations: int) -> int:
+    """gpu_memory_utilization is this engine's share of the device, as in vLLM: the KV cache gets that share
+    less the engine's own weights and activations, so that a second engine in the same process (the EM loop's
+    q and p) gets its own share rather than what the first one left. Never more than is free beside the
+    activations, which the steps allocate again after the cache."""
+    return int(min(total * utilization - weights - activations, free - activations))
+
+
 def available_cpu_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
@@ -92,9 +100,11 @@ class ModelRunner:
         return int(min(CPU_DEFAULT_KV_GB * GiB, 0.25 * available_cpu_memory()))
 
     def _profile_cuda_budget(self) -> int:
-        """What is left for the KV cache after the weights and the activations of the largest prefill."""
+        """The KV cache's bytes on CUDA: see cuda_kv_cache_budget; the activations are those of the largest
+        prefill, measured by running it."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)  # this engine's weights, and anything else in the process
         tokens = min(self.config.max_num_batched_tokens, self.model.config.max_position_embeddings)
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
         from promptcot_engine.attention.varlen import VarlenCausalAttention
@@ -105,11 +115,11 @@ class ModelRunner:
             self.model.compute_logits(hidden[-self.config.max_num_seqs:])
         del hidden
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
+        activations = torch.cuda.max_memory_allocated(self.device) - before
         torch.cuda.empty_cache()  # the profiling pass's blocks go back to the device, for the KV cache to take
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        return int(total * self.config.gpu_memory_utilization - used_by_others - peak)
+        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        return cuda_kv_cache_budget(total, free, self.config.gpu_memory_utilization, weights, activations)
 
     def _allocate_kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         mc = self.model.config
@@ -118,7 +128,9 @@ class ModelRunner:
         useful = -(-self.config.max_num_seqs * self.max_model_len // self.block_size)
         self.num_blocks = self.config.num_kv_blocks or min(useful, self._kv_budget_bytes() // self._kv_bytes_per_block())
         if self.num_blocks < 1:
-            raise InputError(f"kv_cache_memory_gb: the KV cache budget holds no block of {self.block_size} tokens "
+            setting = ("kv_cache_memory_gb" if self.config.kv_cache_memory_gb is not None or self.device.type != "cuda"
+                       else "gpu_memory_utilization")
+            raise InputError(f"{setting}: the KV cache budget holds no block of {self.block_size} tokens "
                              f"({self._kv_bytes_per_block() / GiB:.3f} GiB each); raise it")
         cache = torch.empty(2, mc.num_hidden_layers, self.num_blocks, self.block_size, mc.num_key_value_heads,
                             mc.head_dim, dtype=self.dtype, device=self.device)
