@@ -7,7 +7,7 @@
 # here with:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl gguf datasketch champ-dataset math-verify \
-#       latex2sympy2_extended antlr4-python3-runtime==4.13.2
+#       latex2sympy2_extended antlr4-python3-runtime==4.13.2 pytest-benchmark py-cpuinfo
 # The packaged SmolLM2 GGUF (94 MB) does not fit the 64 MiB that travels, so the benchmarks use a model of
 # SmolLM2-135M's shape with random weights (throughput and bandwidth do not depend on the values) and, when
 # .smollm2_tokenizer/ travels too, SmolLM2's own tokenizer (3.5 MB; the E-step benchmark then decodes real
@@ -23,18 +23,19 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
 # the package straight from this tree, no build step (the image's setuptools may predate pyproject's metadata):
-# kernels/ is mapped to promptcot_engine.kernels as pyproject's package-dir does
-mkdir -p /tmp/src/promptcot_engine
-for entry in promptcot_engine/*; do ln -sfn "$PWD/$entry" /tmp/src/promptcot_engine/; done
-ln -sfn "$PWD/kernels" /tmp/src/promptcot_engine/kernels
-export PYTHONPATH=/tmp/src:$PWD${PYTHONPATH:+:$PYTHONPATH}
+# kernels/ becomes promptcot_engine.kernels, as pyproject's package-dir maps it, through a link in this copy of
+# the tree (git ignores it). It must live here, not in a tree elsewhere on PYTHONPATH: `python -m` and pytest put
+# this directory first on sys.path, so ./promptcot_engine is the package every process imports
+ln -sfn ../kernels promptcot_engine/kernels
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch, triton, promptcot_engine.kernels; print('torch', torch.__version__, 'triton', triton.__version__)" \
   2>&1 | tee "$OUT/install.txt" || exit 1
 promptcot() { python3 -m promptcot_engine.cli "$@"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
-# 1. kernels compiled on the GPU against their references, and the engine on CUDA (Triton decode in the model,
-# CUDA graphs, profiled KV budget) against transformers on the same GPU; no -x: a first run reports every failure
+# 1. kernels compiled on the GPU against their references, and the engine on CUDA (Triton decode and prefill in
+# the model, CUDA graphs, profiled KV budget, two engines in one process) against transformers on the same GPU;
+# no -x: a first run reports every failure
 timeout 180 python3 -m pytest -q --maxfail=25 tests/kernels tests/test_engine_cuda.py tests/test_shared_prefix_attention.py \
   2>&1 | tee "$OUT/tests.txt" | tail -25
 
@@ -55,4 +56,6 @@ EOF
 for bench in "generate --num-prompts 64 --n 8 --max-tokens 256" "score --num-pairs 256" "estep --num-pairs 64 --compare hf"; do
   timeout 80 promptcot bench $bench --model /tmp/smollm2_shape --output "$OUT/bench.jsonl" 2>&1 | tail -25
 done
-timeout 50 python3 -m pytest -q bench/test_bench_kernels.py --benchmark-only 2>&1 | tail -20 | tee "$OUT/kernels_bench.txt"
+# 3. the fused log-prob kernel's TFLOP/s against the card's bf16 peak, at SmolLM2's and a 7B model's LM head
+timeout 60 python3 -m pytest -q -s bench/test_bench_logprob_cuda.py --benchmark-only 2>&1 | tail -40 \
+  | tee "$OUT/logprob_kernel.txt"

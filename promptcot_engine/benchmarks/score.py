@@ -4,7 +4,8 @@ side in its own process so its peak memory is its own.
 
 Workload (the default): 64 pairs, 512-token contexts and 512-token continuations of random vocabulary ids,
 every 8 pairs sharing a context, the layout of an E-step (K candidates per seed pair). transformers runs each
-context group as one batch of 8, the way a plain implementation would.
+context group as one batch of 8, the way a plain implementation would. On CUDA the engine's side also times
+the fused log-prob kernel at the model's LM head against the card's bf16 peak (benchmarks/logprob_kernel.py).
 """
 from __future__ import annotations
 
@@ -40,9 +41,15 @@ def _engine_side(args) -> dict:
     memory = PeakMemory(llm.engine.device)
     with timed() as t:
         results = llm.score(contexts, continuations, use_tqdm=False)
-    return {"seconds": t["seconds"], "peak_extra_mb": memory.peak_extra_mb(),
-            "logprob_sums": [r.logprob_sum for r in results],
-            "prefilled_tokens": llm.engine.stats.prefilled_tokens}
+    result = {"seconds": t["seconds"], "peak_extra_mb": memory.peak_extra_mb(),
+              "logprob_sums": [r.logprob_sum for r in results],
+              "prefilled_tokens": llm.engine.stats.prefilled_tokens}
+    if llm.engine.device.type == "cuda":  # the log-prob kernel against the card, on as many tokens as were scored
+        from promptcot_engine.benchmarks.logprob_kernel import logprob_kernel_roofline
+
+        result["logprob_kernel"] = logprob_kernel_roofline(args.num_pairs * args.continuation_len,
+                                                           llm.engine.model.lm_head.weight)
+    return result
 
 
 def _transformers_side(args) -> dict:
@@ -77,7 +84,7 @@ def run_score_bench(model: str = "smollm2-135m-instruct", num_pairs: int = 64, p
                           f"{continuation_len}-token continuations",
               "scored_tokens": scored, "engine_seconds": engine["seconds"], "engine_scored_tokens_per_s": scored / engine["seconds"],
               "engine_peak_extra_mb": engine["peak_extra_mb"], "engine_prefilled_tokens": engine["prefilled_tokens"],
-              **machine(device, dtype)}
+              **engine.get("logprob_kernel", {}), **machine(device, dtype)}
     if compare_hf:
         hf = run_side(MODULE, "transformers", common)
         worst = max(abs(a - b) / max(abs(b), 1.0) for a, b in zip(engine["logprob_sums"], hf["logprob_sums"]))
