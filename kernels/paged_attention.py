@@ -9,7 +9,8 @@ transformers' repeat_kv does.
 - decode (one new token per sequence): `paged_decode_attention` runs the Triton kernel on CUDA (or where
   asked to) and `paged_decode_attention_torch`, its batched reference, elsewhere;
 - prefill of new tokens after a cached prefix (prefix-cache hits, chunked prefill, recompute after
-  preemption): `paged_prefill_attention_torch` (flash-attn's varlen kernel does it on GPU when installed).
+  preemption): `paged_prefill_attention_torch`, the reference of the Triton kernel in
+  paged_prefill_attention.py (flash-attn's varlen kernel does it on GPU when installed).
 
 A sequence with context_len 0 (a padding row of a captured CUDA graph) gets a zero output, not NaN.
 """

@@ -6,8 +6,9 @@ Every step first stores the new tokens' K/V at their slots, then attends:
 - prefill, no cached context, otherwise: plain causal attention over the new tokens (flash-attn varlen on
   CUDA, padded SDPA on CPU): nothing needs to be read back from the cache;
 - prefill with a cached prefix (prefix cache hit, a later chunk, a recompute), otherwise: queries attend to
-  the sequence's cached tokens through its block table (flash-attn varlen with block_table on CUDA; a
-  batched torch path otherwise);
+  the sequence's cached tokens through its block table (flash-attn varlen with block_table on CUDA;
+  the Triton paged-prefill kernel, kernels/paged_prefill_attention.py, on the triton backend; a batched
+  torch path otherwise);
 - decode, one query per sequence: flash_attn_with_kvcache, the Triton paged-decode kernel, or on CPU the C
   kernel (kernels/cpu_paged_attention.py); where none applies, the batched torch path, which reads a prefix
   shared by several sequences (n > 1 samples) only once.
@@ -30,6 +31,7 @@ from promptcot_engine.kernels.paged_attention import (
     paged_decode_attention_torch,
     paged_prefill_attention_torch,
 )
+from promptcot_engine.kernels.paged_prefill_attention import paged_prefill_attention_triton
 
 
 @dataclass
@@ -45,7 +47,7 @@ class AttentionMetadata:
     cpu_kernels: bool = False  # attention on CPU through the C kernels (decode and prefill)
     shared_prefix: SharedPrefixPlan | None = None  # decode on the torch backend otherwise, when sequences share blocks
     paged_gather: PagedGather | None = None  # decode on the torch backend otherwise: built once for all layers
-    paged_prefill: PagedPrefill | None = None  # prefill over cached context, neither flash-attn nor C: likewise
+    paged_prefill: PagedPrefill | None = None  # prefill over cached context, torch backend without C: likewise
 
 
 class PagedAttention:
@@ -77,6 +79,9 @@ class PagedAttention:
                 return flash_attn_varlen_func(q, k_cache, v_cache, md.cu_seqlens_q, cu_seqlens_k, md.max_seqlen_q,
                                               md.max_context_len, softmax_scale=self.scale, causal=True,
                                               block_table=md.block_tables)
+            if self.backend == "triton":
+                return paged_prefill_attention_triton(q, md.cu_seqlens_q, k_cache, v_cache, md.block_tables,
+                                                      md.context_lens, self.scale, md.max_seqlen_q)
             return paged_prefill_attention_torch(q, md.cu_seqlens_q, k_cache, v_cache, md.block_tables,
                                                  md.context_lens, self.scale, md.paged_prefill)
         if self.backend == "flash":

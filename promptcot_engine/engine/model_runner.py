@@ -176,7 +176,7 @@ class ModelRunner:
             has_cached_context=any(c != q for c, q in zip(context_lens, q_lens)),
             cpu_kernels=self.cpu_attention_kernels,
         )
-        if batch.is_prefill and metadata.has_cached_context and self.backend != "flash" and not metadata.cpu_kernels:
+        if batch.is_prefill and metadata.has_cached_context and self.backend == "torch" and not metadata.cpu_kernels:
             metadata.paged_prefill = PagedPrefill.plan(metadata.cu_seqlens_q, metadata.block_tables,
                                                        metadata.context_lens, bs, metadata.max_seqlen_q)
         if not batch.is_prefill and self.backend == "torch" and not metadata.cpu_kernels:
