@@ -44,11 +44,13 @@ def _engine_side(args) -> dict:
     result = {"seconds": t["seconds"], "peak_extra_mb": memory.peak_extra_mb(),
               "logprob_sums": [r.logprob_sum for r in results],
               "prefilled_tokens": llm.engine.stats.prefilled_tokens}
-    if llm.engine.device.type == "cuda":  # the log-prob kernel against the card, on as many tokens as were scored
+    if llm.engine.device.type == "cuda":  # the log-prob kernel against the card, at the model's LM head
         from promptcot_engine.benchmarks.logprob_kernel import logprob_kernel_roofline
 
-        result["logprob_kernel"] = logprob_kernel_roofline(args.num_pairs * args.continuation_len,
-                                                           llm.engine.model.lm_head.weight)
+        # 8192 tokens: enough to fill the card, and the torch side's full logits (10 bytes a logit: the product,
+        # its fp32 copy, the log-softmax) still fit beside the KV cache the engine holds
+        tokens = min(8192, args.num_pairs * args.continuation_len)
+        result["logprob_kernel"] = logprob_kernel_roofline(tokens, llm.engine.model.lm_head.weight)
     return result
 
 
