@@ -35,9 +35,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 
 # 1. kernels compiled on the GPU against their references, and the engine on CUDA (Triton decode and prefill in
 # the model, CUDA graphs, profiled KV budget, two engines in one process) against transformers on the same GPU;
-# no -x: a first run reports every failure
-timeout 180 python3 -m pytest -q --maxfail=25 tests/kernels tests/test_engine_cuda.py tests/test_shared_prefix_attention.py \
-  2>&1 | tee "$OUT/tests.txt" | tail -25
+# no -x: a first run reports every failure. The engine first: should the timeout cut the run short, the kernel
+# tests it cuts are the ones the interpreter has already run on CPU; -rfEs and --durations say what ran and how long
+timeout 180 python3 -m pytest -q -rfEs --durations=15 --maxfail=25 tests/test_engine_cuda.py tests/kernels \
+  tests/test_shared_prefix_attention.py 2>&1 | tee "$OUT/tests.txt" | tail -40
 
 # 2. benchmarks on a random model of SmolLM2-135M's shape
 python3 - <<'EOF'
