@@ -24,6 +24,26 @@ import triton.language as tl
 
 
 @triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, block_tables_stride, positions, in_range,
+                 block_size, cache_stride_block, cache_stride_slot, cache_stride_head, kv_head, dims, head_dim,
+                 UPCAST: tl.constexpr):
+    """The keys and values [len(positions), BLOCK_D] of one kv head at the given positions of sequence `seq`,
+    zeros where `in_range` is false or past head_dim. Tiles need not align with cache blocks: each position
+    finds its own block, so any block_size works; the mask keeps the block tables' padding entries and the
+    slots past the context unread. Shared by the decode and prefill kernels (paged_prefill_attention.py)."""
+    block_ids = tl.load(block_tables_ptr + seq * block_tables_stride + positions // block_size, mask=in_range, other=0)
+    slots = (block_ids.to(tl.int64) * cache_stride_block + (positions % block_size) * cache_stride_slot
+             + kv_head * cache_stride_head)
+    kv_mask = in_range[:, None] & (dims < head_dim)[None, :]
+    k = tl.load(k_cache_ptr + slots[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + slots[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _paged_decode_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, scale,
     q_stride_b, q_stride_h, out_stride_b, out_stride_h,
@@ -53,17 +73,9 @@ def _paged_decode_attention_kernel(
     for start in range(0, context_len, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
         in_context = positions < context_len
-        # tiles need not align with cache blocks: each position finds its own block, so any block_size works
-        block_ids = tl.load(block_tables_ptr + seq * block_tables_stride + positions // block_size,
-                            mask=in_context, other=0)
-        rows = (block_ids.to(tl.int64) * cache_stride_block + (positions % block_size) * cache_stride_slot
-                + kv_head * cache_stride_head)
-        kv_mask = in_context[:, None] & (dims < head_dim)[None, :]
-        k = tl.load(k_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, block_tables_stride, positions,
+                            in_context, block_size, cache_stride_block, cache_stride_slot, cache_stride_head,
+                            kv_head, dims, head_dim, UPCAST)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         scores = tl.where(in_context[None, :], scores, -1.0e30)
         m_new = tl.maximum(m, tl.max(scores, 1))

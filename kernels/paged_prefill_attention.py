@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from promptcot_engine.kernels.paged_attention import load_kv_tile
+
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the scale and log2(e) fold into one multiply
 
 
@@ -73,19 +75,9 @@ def _paged_prefill_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, kv_end, BLOCK_N):
         positions = start + tl.arange(0, BLOCK_N)
-        in_range = positions < kv_end
-        # tiles need not align with cache blocks: each position finds its own block, so any block_size works;
-        # the mask keeps the block tables' padding entries and the slots past the context unread
-        block_ids = tl.load(block_tables_ptr + seq * block_tables_stride + positions // block_size,
-                            mask=in_range, other=0)
-        slots = (block_ids.to(tl.int64) * cache_stride_block + (positions % block_size) * cache_stride_slot
-                 + kv_head * cache_stride_head)
-        kv_mask = in_range[:, None] & (dims < head_dim)[None, :]
-        k = tl.load(k_cache_ptr + slots[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + slots[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, block_tables_stride, positions,
+                            positions < kv_end, block_size, cache_stride_block, cache_stride_slot,
+                            cache_stride_head, kv_head, dims, head_dim, UPCAST)
         # per element: row r sees the keys up to its own position (which also keeps it inside the context).
         # One loop with the mask on every tile rather than a mask-free loop plus a diagonal one: the select is
         # cheap next to the two products, and one loop is one place for the causal rule to be right
