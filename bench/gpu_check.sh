@@ -58,5 +58,5 @@ for bench in "generate --num-prompts 64 --n 8 --max-tokens 256" "score --num-pai
   timeout 80 promptcot bench $bench --model /tmp/smollm2_shape --output "$OUT/bench.jsonl" 2>&1 | tail -25
 done
 # 3. the fused log-prob kernel's TFLOP/s against the card's bf16 peak, at SmolLM2's and a 7B model's LM head
-timeout 60 python3 -m pytest -q -s bench/test_bench_logprob_cuda.py --benchmark-only 2>&1 | tail -40 \
+timeout 60 python3 -m pytest -q -s bench/test_bench_kernels.py -k gpu --benchmark-only 2>&1 | tail -40 \
   | tee "$OUT/logprob_kernel.txt"

@@ -5,6 +5,8 @@ in fp32. Prints tokens/s and achieved GFLOP/s (the LM-head matmul dominates: com
 peak), the speed ratio, and the peak extra resident memory of each, measured in a fresh process
 (`python bench/test_bench_kernels.py naive|chunked|tiled`) since tracemalloc does not see torch's CPU tensors.
 
+On a GPU: the Triton kernel's TFLOP/s against the card's bf16 peak, and against the full-logits computation.
+
 Run: pytest bench/test_bench_kernels.py --benchmark-only
 """
 import json
@@ -14,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from promptcot_engine.benchmarks.logprob_kernel import logprob_inputs, logprob_kernel_roofline, torch_linear_logprob
 from promptcot_engine.kernels.cpu_library import CPU_KERNELS_AVAILABLE
 from promptcot_engine.kernels.cpu_logprob import tiled_linear_logprob_cpu
 from promptcot_engine.kernels.fused_logprob import IGNORE_INDEX, chunked_linear_logprob, fused_linear_logprob
@@ -31,17 +34,11 @@ def make_inputs():
     return hidden, weight, targets
 
 
-def naive_linear_logprob(hidden, weight, targets):
-    logits = hidden @ weight.T
-    logprobs = logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
-    return logprobs, logits.argmax(-1) == targets
-
-
 def tiled_linear_logprob(hidden, weight, targets):
     return tiled_linear_logprob_cpu(hidden, weight, targets, IGNORE_INDEX)
 
 
-FUNCTIONS = {"naive": naive_linear_logprob, "chunked": chunked_linear_logprob, "tiled": tiled_linear_logprob}
+FUNCTIONS = {"naive": torch_linear_logprob, "chunked": chunked_linear_logprob, "tiled": tiled_linear_logprob}
 
 
 def _status_kib(field):
@@ -83,32 +80,27 @@ def test_bench_linear_logprob(benchmark, capsys, name):
             print(f"{name} / naive throughput: {RESULTS[name] / RESULTS['naive']:.2f}x")
 
 
-# dense bf16 tensor-core peak (TFLOP/s) of the cards this knows, by a substring of the device name
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+# the Triton kernel on the GPU at SmolLM2-135M's LM head and at a 7B model's (Qwen2.5-7B: H=3584, V=152064)
+GPU_HEADS = {"smollm2_135m": (H, V), "qwen2.5_7b": (3584, 152064)}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel's throughput needs a GPU")
-def test_bench_fused_logprob_gpu(benchmark, capsys):
+@pytest.mark.parametrize("head", sorted(GPU_HEADS))
+def test_bench_fused_logprob_gpu(benchmark, record_result, head):
     """The fused Triton kernel in bf16 on an E-step-sized batch of scored tokens: achieved TFLOP/s of the
-    LM-head product it fuses, against the card's bf16 peak."""
-    tokens = 16384
+    LM-head product it fuses against the card's bf16 peak, and against the full-logits computation it
+    replaces, on the same input (benchmarks/logprob_kernel.py)."""
+    tokens, (hidden_size, vocab) = 16384, GPU_HEADS[head]
     g = torch.Generator(device="cuda").manual_seed(0)
-    hidden = torch.randn(tokens, H, device="cuda", generator=g).bfloat16()
-    weight = (torch.randn(V, H, device="cuda", generator=g) / H ** 0.5).bfloat16()
-    targets = torch.randint(0, V, (tokens,), device="cuda", generator=g)
+    weight = (torch.randn(vocab, hidden_size, device="cuda", generator=g) / hidden_size ** 0.5).bfloat16()
+    hidden, targets = logprob_inputs(tokens, weight)
 
     def run():
         fused_linear_logprob(hidden, weight, targets)
         torch.cuda.synchronize()
 
     benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=2)
-    tflops = 2 * tokens * H * V / benchmark.stats.stats.mean / 1e12
-    name = torch.cuda.get_device_name()
-    peak = next((v for card, v in BF16_PEAK_TFLOPS.items() if card in name), None)
-    benchmark.extra_info.update(tflops=tflops, peak_tflops=peak)
-    with capsys.disabled():
-        print(f"\nfused_linear_logprob bf16 on {name}: {tflops:.1f} TFLOP/s"
-              + (f" = {tflops / peak:.1%} of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""))
+    record_result(logprob_kernel_roofline(tokens, weight))
 
 
 if __name__ == "__main__":

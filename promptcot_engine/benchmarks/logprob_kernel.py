@@ -20,6 +20,7 @@ def bf16_peak_tflops(device_name: str) -> float | None:
 
 
 def torch_linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """The plain computation: the full logits, log_softmax in fp32, gather, argmax."""
     logits = hidden @ weight.T
     logprobs = logits.float().log_softmax(-1).gather(1, targets[:, None])[:, 0]
     return logprobs, logits.argmax(-1) == targets
@@ -42,13 +43,19 @@ def cuda_seconds(fn, repeats: int) -> tuple[float, float]:
     return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() - held
 
 
+def logprob_inputs(tokens: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random hidden states [tokens, hidden] in the weight's dtype and random targets, on its device."""
+    vocab, hidden_size = weight.shape
+    g = torch.Generator(weight.device).manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, generator=g, device=weight.device).to(weight.dtype)
+    return hidden, torch.randint(0, vocab, (tokens,), generator=g, device=weight.device)
+
+
 def logprob_kernel_roofline(tokens: int, weight: torch.Tensor, repeats: int = 10) -> dict:
     """The kernel and the torch computation on `tokens` random hidden states through `weight` [vocab, hidden]
     (an LM head on a CUDA device), with random targets."""
     vocab, hidden_size = weight.shape
-    g = torch.Generator(weight.device).manual_seed(0)
-    hidden = torch.randn(tokens, hidden_size, generator=g, device=weight.device).to(weight.dtype)
-    targets = torch.randint(0, vocab, (tokens,), generator=g, device=weight.device)
+    hidden, targets = logprob_inputs(tokens, weight)
     flops = 2 * tokens * hidden_size * vocab
     kernel_s, kernel_bytes = cuda_seconds(lambda: fused_linear_logprob(hidden, weight, targets), repeats)
     torch_s, torch_bytes = cuda_seconds(lambda: torch_linear_logprob(hidden, weight, targets), repeats)
