@@ -91,6 +91,20 @@ def _paged_decode_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
+def check_grouped_heads(q: torch.Tensor, k_cache: torch.Tensor, rows: str) -> None:
+    """q [rows, num_heads, head_dim] against caches [blocks, block_size, num_kv_heads, head_dim], the query heads
+    in whole groups per kv head: what the decode and prefill paths all take."""
+    if q.dim() != 3 or k_cache.dim() != 4 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"expected q [{rows}, nh, d] and caches [blocks, block_size, nkv, d] with nh a multiple of "
+                         f"nkv; got {tuple(q.shape)} and {tuple(k_cache.shape)}")
+
+
+def check_unit_head_strides(q: torch.Tensor, out: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The Triton kernels address head_dim as contiguous and both caches through one set of strides."""
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("q, out and the caches need a unit stride on head_dim, and the caches equal strides")
+
+
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                                   out: torch.Tensor | None = None, *, block_n: int = 64,
@@ -100,8 +114,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     queries_per_kv = num_heads // num_kv_heads
     if out is None:
         out = torch.empty_like(q)
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1:
-        raise ValueError("q, out and the caches need a unit stride on head_dim, and the caches equal strides")
+    check_unit_head_strides(q, out, k_cache, v_cache)
     _paged_decode_attention_kernel[(B, num_kv_heads)](
         out, q, k_cache, v_cache, block_tables, context_lens, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
@@ -173,9 +186,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """softmax(q k^T * scale) v for one query token per sequence over its whole cached context.
     q [B, num_heads, head_dim] -> [B, num_heads, head_dim] in q's dtype; softmax in fp32. force_triton: the
     Triton kernel whatever the device (on CPU tensors, Triton's interpreter runs it)."""
-    if q.dim() != 3 or k_cache.dim() != 4 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"expected q [B, nh, d] and caches [blocks, block_size, nkv, d] with nh a multiple of nkv; "
-                         f"got {tuple(q.shape)} and {tuple(k_cache.shape)}")
+    check_grouped_heads(q, k_cache, "B")
     if q.is_cuda or force_triton:
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale)
     return paged_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, scale)

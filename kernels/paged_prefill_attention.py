@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from promptcot_engine.kernels.paged_attention import load_kv_tile
+from promptcot_engine.kernels.paged_attention import check_grouped_heads, check_unit_head_strides, load_kv_tile
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): the scale and log2(e) fold into one multiply
 
@@ -126,9 +126,7 @@ def paged_prefill_attention_triton(q: torch.Tensor, cu_seqlens_q: torch.Tensor, 
     cu_seqlens_q would stall on the device). A smaller value leaves the rows past it unwritten. Like the decode
     kernel it trusts the tables and lengths (no check of device values: that would synchronise every layer).
     block_m, block_n: the query and key tiles (default: `default_tiles`)."""
-    if q.dim() != 3 or k_cache.dim() != 4 or q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"expected q [T, nh, d] and caches [blocks, block_size, nkv, d] with nh a multiple of nkv; "
-                         f"got {tuple(q.shape)} and {tuple(k_cache.shape)}")
+    check_grouped_heads(q, k_cache, "T")
     T, num_heads, head_dim = q.shape
     B = context_lens.shape[0]
     num_kv_heads = k_cache.shape[2]
@@ -152,8 +150,7 @@ def paged_prefill_attention_triton(q: torch.Tensor, cu_seqlens_q: torch.Tensor, 
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)}")
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or q.stride(-1) != 1 or out.stride(-1) != 1:
-        raise ValueError("q, out and the caches need a unit stride on head_dim, and the caches equal strides")
+    check_unit_head_strides(q, out, k_cache, v_cache)
     if T == 0 or max_seqlen_q == 0 or B == 0:
         return out
     # grid: (query tiles of the longest sequence, sequences, kv heads), tiles past a sequence's own new tokens
