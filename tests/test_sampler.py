@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from promptcot_engine.engine.random_streams import stream_key, uniform_draws
 from promptcot_engine.engine.sampler import inverse_cdf, sample
 from promptcot_engine.kernels.cpu_library import CPU_KERNELS_AVAILABLE
 from promptcot_engine.kernels.cpu_sampler import sample_rows_cpu
@@ -57,8 +58,8 @@ def test_sampling_frequencies_match_distribution(temperature, top_k, top_p, min_
     n = 40_000
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     logits = torch.tensor(LOGITS, dtype=torch.float32).expand(n, -1).clone()
-    generator = torch.Generator().manual_seed(1234)
-    tokens, _ = sample(logits, [params] * n, [None] * n, generator, cpu_kernel=cpu_kernel)
+    uniform = torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1234))
+    tokens, _ = sample(logits, [params] * n, uniform, cpu_kernel=cpu_kernel)
     counts = np.bincount(tokens.numpy(), minlength=len(LOGITS))
     expected = exact_distribution(LOGITS, temperature, top_k, top_p, min_p)
     assert counts[expected == 0].sum() == 0  # truncated tokens are never drawn
@@ -66,25 +67,52 @@ def test_sampling_frequencies_match_distribution(temperature, top_k, top_p, min_
 
 
 @pytest.mark.parametrize("cpu_kernel", DRAWS)
-def test_seeded_rows_use_their_own_generator(cpu_kernel):
-    params = SamplingParams(temperature=1.0, seed=5)
+def test_a_rows_token_depends_only_on_its_logits_and_number(cpu_kernel):
+    """What makes a seeded sample's tokens independent of its batch: other rows, greedy or sampled, change
+    nothing about a row's draw."""
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=5)
     logits = torch.tensor(LOGITS, dtype=torch.float32)[None]
+    numbers = torch.rand(20, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
 
-    def draw(batch_extra: int):
-        g = torch.Generator().manual_seed(5)
-        rows = torch.cat([logits, torch.randn(batch_extra, len(LOGITS))])
-        gens = [g] + [None] * batch_extra
-        return [int(sample(rows, [params] * (1 + batch_extra), gens, torch.Generator().manual_seed(batch_extra),
-                           cpu_kernel=cpu_kernel)[0][0])
-                for _ in range(20)]
+    def draw(others: list[SamplingParams]):
+        g = torch.Generator().manual_seed(len(others))
+        tokens = []
+        for u in numbers:
+            rows = torch.cat([logits, torch.randn(len(others), len(LOGITS), generator=g)])
+            uniform = torch.cat([u[None], torch.rand(len(others), dtype=torch.float64, generator=g)])
+            tokens.append(int(sample(rows, [params] + others, uniform, cpu_kernel=cpu_kernel)[0][0]))
+        return tokens
 
-    assert draw(0) == draw(7)
+    alone = draw([])
+    assert alone == draw([SamplingParams()] * 7) == draw([SamplingParams(temperature=0), SamplingParams(top_k=2)])
+    assert len(set(alone)) > 1
+
+
+def test_random_streams_are_splitmix64():
+    """A stream's numbers are SplitMix64's outputs from its key (the published sequence for seed 1234567),
+    as 53-bit fractions."""
+    published = [6457827717110365317, 3203168211198807973, 9817491932198370423, 4593380528125082431,
+                 16408922859458223821]
+    assert uniform_draws([1234567] * 5, list(range(5))).tolist() == [(v >> 11) * 2.0 ** -53 for v in published]
+    assert uniform_draws([1234567, 99], [3, 0])[0] == (published[3] >> 11) * 2.0 ** -53  # rows are independent
+
+
+def test_random_streams_are_uniform_and_distinct():
+    """Along one stream, and across the streams of many (seed, index) pairs at one counter: uniform
+    (chi-square over 64 bins), and no two samples of a request share a stream."""
+    keys = [stream_key(seed, index) for seed in range(200) for index in range(50)]
+    assert len(set(keys)) == len(keys)
+    assert stream_key(7, 0) == stream_key(7, 0) != stream_key(7 + 2 ** 64, 1)
+    for numbers in (uniform_draws([keys[0]] * 10_000, list(range(10_000))), uniform_draws(keys, [0] * len(keys))):
+        assert 0 <= numbers.min() and numbers.max() < 1
+        counts = np.bincount((numbers * 64).astype(int), minlength=64)
+        assert chi_square_p_value(counts, np.full(64, 1 / 64)) > 1e-3
 
 
 def test_greedy_and_logprobs():
     logits = torch.randn(5, 11)
     params = [SamplingParams(temperature=0)] * 5
-    tokens, logprobs = sample(logits, params, [None] * 5, torch.Generator(), want_logprobs=True)
+    tokens, logprobs = sample(logits, params, None, want_logprobs=True)
     assert torch.equal(tokens, logits.argmax(-1))
     assert torch.allclose(logprobs, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1))
 
@@ -96,8 +124,8 @@ def test_frequencies_across_cdf_chunks(cpu_kernel):
     logits = torch.full((vocab,), -30.0, dtype=torch.float64)
     logits[hot] = torch.tensor([1.0, 0.2, 1.5, -0.3, 0.8, 0.0, 1.1], dtype=torch.float64)
     n = 30_000
-    tokens, _ = sample(logits.float().expand(n, -1).clone(), [SamplingParams()] * n, [None] * n,
-                       torch.Generator().manual_seed(99), cpu_kernel=cpu_kernel)
+    tokens, _ = sample(logits.float().expand(n, -1).clone(), [SamplingParams()] * n,
+                       torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(99)), cpu_kernel=cpu_kernel)
     counts = np.bincount(tokens.numpy(), minlength=vocab)
     expected = logits.softmax(-1).numpy()
     assert counts[np.setdiff1d(np.arange(vocab), hot)].sum() <= 3  # the cold tokens hold ~1e-9 of the mass each

@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from promptcot_engine.config import EngineConfig
@@ -13,7 +14,8 @@ from promptcot_engine.engine.detokenizer import IncrementalDetokenizer
 from promptcot_engine.engine.model_runner import ModelRunner
 from promptcot_engine.engine.sampler import sample
 from promptcot_engine.engine.scheduler import Scheduler
-from promptcot_engine.engine.sequence import Sequence, SequenceStatus, child_generator
+from promptcot_engine.engine.random_streams import stream_key, uniform_draws
+from promptcot_engine.engine.sequence import Sequence, SequenceStatus
 from promptcot_engine.engine.stats import EngineStats
 from promptcot_engine.errors import InputError
 from promptcot_engine.models.loader import load_model, resolve_device, resolve_dtype
@@ -53,7 +55,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = eos
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.rng = np.random.default_rng(config.seed)  # the random streams of unseeded samples
         self.requests: dict[int, Request] = {}
         self.stats = EngineStats()
 
@@ -92,9 +94,12 @@ class LLMEngine:
 
     def _new_sequence(self, request: Request, index: int, parent: Sequence | None = None) -> Sequence:
         seq = parent.fork(index) if parent else Sequence(request.prompt_token_ids, request.params, request.request_id, index)
-        if request.params.seed is not None:
-            seq.generator = child_generator(request.params.seed, index, self.device)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.skip_special_tokens)
+        seed = request.params.seed
+        seq.random_key = (stream_key(seed, index) if seed is not None
+                          else int(self.rng.bit_generator.random_raw()))
+        # text while running is only needed to find stop strings; the final text is decoded once at finish
+        if request.params.stop:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, request.params.skip_special_tokens)
         request.seqs[index] = seq
         return seq
 
@@ -154,8 +159,12 @@ class LLMEngine:
             logits = logits[rows]
         self._suppress_stop_before_min_tokens(logits, all_seqs)
         params = [s.params for s in all_seqs]
-        tokens, logprobs = sample(logits, params, [s.generator for s in all_seqs], self.generator,
-                                  want_logprobs=any(p.logprobs for p in params), cpu_kernel=self.config.cpu_kernels)
+        uniform = None
+        if not all(p.greedy for p in params):  # each row's next number from its own stream, one copy for all
+            uniform = torch.from_numpy(uniform_draws([s.random_key for s in all_seqs],
+                                                     [s.num_output_tokens for s in all_seqs])).to(logits.device)
+        tokens, logprobs = sample(logits, params, uniform, want_logprobs=any(p.logprobs for p in params),
+                                  cpu_kernel=self.config.cpu_kernels)
         # one device-to-host copy each: indexing a CUDA tensor per row would wait on the device once per row
         token_logprobs = [None] * len(all_seqs) if logprobs is None else logprobs.tolist()
         for seq, token, logprob in zip(all_seqs, tokens.tolist(), token_logprobs):
@@ -196,7 +205,7 @@ class LLMEngine:
         self.stats.generated_tokens += 1
         if p.logprobs:
             seq.output_logprobs.append(logprob)
-        new_text = seq.detokenizer.add(token)
+        new_text = seq.detokenizer.add(token) if seq.detokenizer else ""
         seq.text += new_text
         if seq.num_output_tokens >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
@@ -225,6 +234,7 @@ class LLMEngine:
         if not seq.is_scoring and not text_final:
             seq.text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
         self.scheduler.finish(seq)
+        self.runner.block_tables.release(seq.seq_id)
         self.requests[seq.request_id].num_finished += 1
 
     # ---- weights --------------------------------------------------------------------------------------------

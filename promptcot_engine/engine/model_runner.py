@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from promptcot_engine.attention.paged import AttentionMetadata, PagedAttention
 from promptcot_engine.attention.shared_prefix import plan_shared_prefix
 from promptcot_engine.attention.varlen import FLASH_DTYPES, flash_attn_available
 from promptcot_engine.config import EngineConfig
+from promptcot_engine.engine.block_tables import BlockTables
 from promptcot_engine.engine.cpu_memory import advise_huge_pages
 from promptcot_engine.engine.scheduler import ScheduledBatch
 from promptcot_engine.engine.sequence import Sequence
@@ -75,6 +77,7 @@ class ModelRunner:
             if config.cpu_kernels:
                 use_cpu_layer_kernels(model)  # and its norms and rotary to the C kernels
         self.kv_caches = self._allocate_kv_cache()
+        self.block_tables = BlockTables(max_blocks_per_seq=-(-max_model_len // self.block_size))
         # attention on CPU (decode and prefill): the C kernels read the paged cache where they are built and
         # take the model's shapes
         self.cpu_attention_kernels = (self.backend == "torch" and config.cpu_kernels
@@ -146,55 +149,61 @@ class ModelRunner:
             self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     # ---- one step -----------------------------------------------------------------------------------------
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
-
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        bs = self.block_size
-        input_ids, positions, slots, q_lens, context_lens = [], [], [], [], []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start = seq.num_computed_tokens
-            input_ids += seq.token_ids[start:start + n]
-            span = range(start, start + n)
-            positions += span
-            table = seq.block_table
-            slots += [table[p // bs] * bs + p % bs for p in span]
-            q_lens.append(n)
-            context_lens.append(start + n)
+        """The step's inputs, built with numpy over the persistent block tables: per-token Python here is host
+        time the device waits through at every decode step."""
+        bs, seqs = self.block_size, batch.seqs
+        q_lens = np.array(batch.num_new_tokens, dtype=np.int64)
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=len(seqs))
+        context_lens = starts + q_lens
+        rows = self.block_tables.rows(seqs)
+        cu_seqlens_q = np.concatenate(([0], np.cumsum(q_lens)))
+        if batch.is_prefill:
+            input_ids = []
+            for seq, start, n in zip(seqs, starts.tolist(), batch.num_new_tokens):
+                input_ids += seq.token_ids[start:start + n]
+            token_seq = np.repeat(np.arange(len(seqs)), q_lens)  # which sequence each token belongs to
+            positions = np.arange(cu_seqlens_q[-1]) - cu_seqlens_q[token_seq] + starts[token_seq]
+            token_rows = rows[token_seq]
+        else:  # one token per sequence: its newest
+            input_ids = [seq.token_ids[-1] for seq in seqs]
+            positions, token_rows = starts, rows
         dev = self.device
-        q_lens_t = torch.tensor(q_lens, dtype=torch.int32)
+
+        def to_device(array: np.ndarray, dtype: type) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(dev)
+
         metadata = AttentionMetadata(
             is_prefill=batch.is_prefill,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=self._block_tables(batch.seqs),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.nn.functional.pad(q_lens_t.cumsum(0, dtype=torch.int32), (1, 0)).to(dev),
-            max_seqlen_q=max(q_lens),
-            max_context_len=max(context_lens),
-            has_cached_context=any(c != q for c, q in zip(context_lens, q_lens)),
+            slot_mapping=to_device(self.block_tables.slots(token_rows, positions, bs), np.int64),
+            block_tables=to_device(self.block_tables.gather(rows), np.int32),
+            context_lens=to_device(context_lens, np.int32),
+            cu_seqlens_q=to_device(cu_seqlens_q, np.int32),
+            max_seqlen_q=int(q_lens.max()),
+            max_context_len=int(context_lens.max()),
+            has_cached_context=bool((context_lens != q_lens).any()),
             cpu_kernels=self.cpu_attention_kernels,
         )
         if batch.is_prefill and metadata.has_cached_context and self.backend == "torch" and not metadata.cpu_kernels:
             metadata.paged_prefill = PagedPrefill.plan(metadata.cu_seqlens_q, metadata.block_tables,
                                                        metadata.context_lens, bs, metadata.max_seqlen_q)
         if not batch.is_prefill and self.backend == "torch" and not metadata.cpu_kernels:
-            metadata.shared_prefix = plan_shared_prefix([s.block_table for s in batch.seqs], context_lens, bs, dev,
+            metadata.shared_prefix = plan_shared_prefix([s.block_table for s in seqs], context_lens.tolist(), bs, dev,
                                                          self.dtype)
             if metadata.shared_prefix is None:
                 metadata.paged_gather = PagedGather.plan(metadata.block_tables, metadata.context_lens, bs)
-        return (torch.tensor(input_ids, dtype=torch.long, device=dev), torch.tensor(positions, dtype=torch.long, device=dev),
-                metadata)
+        return torch.tensor(input_ids, dtype=torch.long, device=dev), to_device(positions, np.int64), metadata
 
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None, dict[int, tuple[list[float], list[bool]]]]:
-        """Forward the batch. Returns (sequences to sample for, their next-token logits [S, V] fp32,
+        """Forward the batch. Returns (sequences to sample for, their next-token logits [S, V] in the model's dtype,
         {seq_id: (log-probs, is-argmax)} for the scored positions computed in this step)."""
         input_ids, positions, metadata = self.prepare(batch)
         if not batch.is_prefill and self.cuda_graphs is not None and self.cuda_graphs.can_run(len(batch.seqs), metadata):
             hidden = self.cuda_graphs.run(input_ids, positions, metadata)
         else:
             hidden = self.model(input_ids, positions, PagedAttention(self.kv_caches, metadata, self.backend, self.scale))
+        if not batch.is_prefill:  # every row samples (scoring sequences finish with their prefill)
+            return list(batch.seqs), self.model.compute_logits(hidden), {}
 
         sample_seqs, sample_rows, score_rows, score_targets, score_owner = [], [], [], [], []
         offset = 0

@@ -2,9 +2,9 @@
 
 Greedy rows take the argmax. Other rows are scaled by temperature, truncated by top_k, top_p and min_p,
 and sampled by inverting their CDF with one uniform number per row (a vocabulary-sized noise vector per row,
-as the Gumbel or exponential tricks need, costs more than the rest of the sampler on CPU). A seeded row
-draws its number from its own generator, so its tokens never depend on what else is in the batch;
-unseeded rows share one batched draw from the engine's generator. On CPU the draw itself (softmax and CDF
+as the Gumbel or exponential tricks need, costs more than the rest of the sampler on CPU). The caller gives
+the numbers: the engine takes each from its sample's own random stream (engine/random_streams.py), so a
+seeded sample's tokens never depend on what else is in the batch. On CPU the draw itself (softmax and CDF
 inversion) runs in C where it is built (kernels/cpu_sampler.py), never writing the softmax.
 """
 from __future__ import annotations
@@ -76,34 +76,28 @@ def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return (chunk * _CDF_CHUNK + torch.minimum(index, last_live)).squeeze(-1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           default_generator: torch.Generator, want_logprobs: bool = False,
-           cpu_kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sample(logits: torch.Tensor, params: list[SamplingParams], uniform: torch.Tensor | None,
+           want_logprobs: bool = False, cpu_kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """logits [B, V] -> (token ids [B], log-prob of each under the unmodified model distribution, or None).
-    cpu_kernel: on CPU, draw with the C sampler (kernels/cpu_sampler.py) where it is built; False: torch's
-    softmax and `inverse_cdf`, the reference."""
+    uniform: [B] float64 in [0, 1) on logits' device, the number each sampled row inverts its CDF at (greedy
+    rows ignore theirs; None when every row is greedy). cpu_kernel: on CPU, draw with the C sampler
+    (kernels/cpu_sampler.py) where it is built; False: torch's softmax and `inverse_cdf`, the reference."""
     greedy = [p.greedy for p in params]
     if all(greedy):
         tokens = logits.argmax(dim=-1)  # bf16 widens to fp32 exactly: the same argmax
     else:
         tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
         greedy_rows = [i for i, g in enumerate(greedy) if g]
+        rows_logits, rows_uniform = logits, uniform
         if greedy_rows:  # argmax only where wanted: over the whole batch it costs as much as the sampling
             tokens[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
-        rows = [i for i, g in enumerate(greedy) if not g]
-        sampled = processed_logits(logits if not greedy_rows else logits[rows], [params[i] for i in rows])
-        uniform = torch.empty(len(rows), 1, dtype=torch.float64, device=logits.device)
-        unseeded = [j for j, i in enumerate(rows) if generators[i] is None]
-        if unseeded:
-            uniform[unseeded] = torch.rand(len(unseeded), 1, dtype=torch.float64, device=logits.device,
-                                           generator=default_generator)
-        for j, i in enumerate(rows):
-            if generators[i] is not None:
-                uniform[j] = torch.rand(1, dtype=torch.float64, device=logits.device, generator=generators[i])
+            rows = [i for i, g in enumerate(greedy) if not g]
+            rows_logits, rows_uniform = logits[rows], uniform[rows]
+        sampled = processed_logits(rows_logits, [p for p in params if not p.greedy])
         if cpu_kernel and cpu_sampler_applies(sampled):
-            drawn = sample_rows_cpu(sampled, uniform)
+            drawn = sample_rows_cpu(sampled, rows_uniform[:, None])
         else:
-            drawn = inverse_cdf(sampled.float().softmax(dim=-1), uniform)
+            drawn = inverse_cdf(sampled.float().softmax(dim=-1), rows_uniform[:, None])
         if greedy_rows:
             tokens[rows] = drawn
         else:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import itertools
 from enum import Enum, auto
 
-import torch
-
 from promptcot_engine.sampling_params import SamplingParams
 
 
@@ -16,14 +14,6 @@ class SequenceStatus(Enum):
 
 
 _seq_ids = itertools.count()
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def child_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
-    """A per-sample RNG derived from (seed, sample index), so seeded samples never depend on the batch."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed ^ (index * _GOLDEN)) % (1 << 63))
-    return g
 
 
 class Sequence:
@@ -40,11 +30,12 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, how many the prefix cache supplied
         self.block_table: list[int] = []
         self.num_pending_forks = 0  # n - 1 siblings to fork once the prompt is prefilled
-        self.generator: torch.Generator | None = None
+        self.random_key = 0  # this sample's random stream (engine/random_streams.py)
         self.output_logprobs: list[float] = []
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.text = ""
+        self.detokenizer = None  # an IncrementalDetokenizer, for requests with stop strings
         # teacher-forced scoring: log-probs are wanted for positions score_start .. num_prompt_tokens - 1
         self.score_start = score_start
         self.score_logprobs: list[float] = []

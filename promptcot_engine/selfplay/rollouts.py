@@ -5,7 +5,7 @@ loader's checks (a missing id becomes "<file stem>/<line>"). A rollout record is
 "prompt" (the policy's chat-templated prompt, the exact text the DPO trainer will see again) and
 "rollouts": [{"text", "finish_reason", "num_tokens"}], one entry per sample.
 
-Seeds: problem i is sampled with the request seed `seed + i` (the engine derives one generator per
+Seeds: problem i is sampled with the request seed `seed + i` (the engine derives one random stream per
 sample from it), so a run is reproducible whatever the batch composition.
 """
 from __future__ import annotations
