@@ -45,11 +45,12 @@ def bench():
 @click.option("--n", default=8, show_default=True)
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--temperature", default=1.0, show_default=True)
-def bench_generate(model, num_prompts, n, max_tokens, temperature, compare, device, dtype, output):
+@click.option("--seeded", is_flag=True, help="A seed per request, as the E-step and synthesis sample.")
+def bench_generate(model, num_prompts, n, max_tokens, temperature, seeded, compare, device, dtype, output):
     """Sampling throughput: engine vs transformers' generate."""
     from promptcot_engine.benchmarks.generate import run_generate_bench
 
-    result = run_generate_bench(model, num_prompts, n, max_tokens, temperature, compare == "hf", device, dtype)
+    result = run_generate_bench(model, num_prompts, n, max_tokens, temperature, compare == "hf", device, dtype, seeded)
     _emit("generate", result, output)
 
 

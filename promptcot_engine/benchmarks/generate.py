@@ -11,18 +11,26 @@ from promptcot_engine.sampling_params import SamplingParams
 
 
 def run_generate_bench(model: str = "smollm2-135m-instruct", num_prompts: int = 16, n: int = 8, max_tokens: int = 128,
-                       temperature: float = 1.0, compare_hf: bool = True, device: str = "auto", dtype: str = "auto") -> dict:
+                       temperature: float = 1.0, compare_hf: bool = True, device: str = "auto", dtype: str = "auto",
+                       seeded: bool = False) -> dict:
+    """seeded: each request with its own seed, as the E-step and synthesis sample (transformers has no
+    per-request seed; its side is the same either way)."""
     llm = LLM(model, device=device, dtype=dtype, seed=0)
     prompts = chat_prompts(llm.tokenizer, num_prompts)
     # every sample runs to max_tokens on both sides, so both generate exactly the same number of tokens
-    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, ignore_eos=True)
+    params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, ignore_eos=True,
+                             seed=i if seeded else None) for i in range(num_prompts)]
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     llm.engine.block_manager.reset_prefix_cache()
+    stats = llm.engine.stats
+    steps_before, seconds_before = stats.decode_steps, stats.decode_seconds
     with timed() as t:
         outputs = llm.generate(prompts, params, use_tqdm=False)
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    result = {"workload": f"{num_prompts} prompts x n={n} x {max_tokens} new tokens, temperature {temperature}",
+    result = {"workload": f"{num_prompts} prompts x n={n} x {max_tokens} new tokens, temperature {temperature}"
+                          + (", a seed per request" if seeded else ""),
               "generated_tokens": tokens, "engine_seconds": t["seconds"], "engine_tokens_per_s": tokens / t["seconds"],
+              "engine_ms_per_decode_step": 1e3 * (stats.decode_seconds - seconds_before) / (stats.decode_steps - steps_before),
               "preemptions": llm.engine.scheduler.num_preemptions, **machine(device, dtype)}
     flops = products_flops(llm.engine.model, [len(p) for p in prompts], n, tokens)
     ceiling = products_ceiling(llm.engine.model, rows=min(num_prompts * n, llm.engine.config.max_num_seqs))
