@@ -54,7 +54,7 @@ tokenizer = ".smollm2_tokenizer" if os.path.isdir(".smollm2_tokenizer") else t.t
 print("tokenizer:", tokenizer)
 Tokenizer.from_dir(tokenizer).save("/tmp/smollm2_shape")
 EOF
-for bench in "generate --num-prompts 64 --n 8 --max-tokens 256" "score --num-pairs 256" "estep --num-pairs 64 --compare hf"; do
+for bench in "generate --num-prompts 64 --n 8 --max-tokens 256 --seeded" "score --num-pairs 256" "estep --num-pairs 64 --compare hf"; do
   timeout 80 promptcot bench $bench --model /tmp/smollm2_shape --output "$OUT/bench.jsonl" 2>&1 | tail -25
 done
 # 3. the fused log-prob kernel's TFLOP/s against the card's bf16 peak, at SmolLM2's and a 7B model's LM head
