@@ -27,10 +27,12 @@ def run_generate_bench(model: str = "smollm2-135m-instruct", num_prompts: int = 
     with timed() as t:
         outputs = llm.generate(prompts, params, use_tqdm=False)
     tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    decode_steps = stats.decode_steps - steps_before  # none at max_tokens=1: the prefill samples the only token
+    decode_ms = 1e3 * (stats.decode_seconds - seconds_before) / decode_steps if decode_steps else None
     result = {"workload": f"{num_prompts} prompts x n={n} x {max_tokens} new tokens, temperature {temperature}"
                           + (", a seed per request" if seeded else ""),
               "generated_tokens": tokens, "engine_seconds": t["seconds"], "engine_tokens_per_s": tokens / t["seconds"],
-              "engine_ms_per_decode_step": 1e3 * (stats.decode_seconds - seconds_before) / (stats.decode_steps - steps_before),
+              "engine_ms_per_decode_step": decode_ms,
               "preemptions": llm.engine.scheduler.num_preemptions, **machine(device, dtype)}
     flops = products_flops(llm.engine.model, [len(p) for p in prompts], n, tokens)
     ceiling = products_ceiling(llm.engine.model, rows=min(num_prompts * n, llm.engine.config.max_num_seqs))
