@@ -4,11 +4,12 @@ import pytest
 import torch
 
 import promptcot_engine.engine.model_runner as model_runner
-from promptcot_engine import LLM
+from promptcot_engine import LLM, SamplingParams
 from promptcot_engine.errors import InputError
 from tests.reference import hf_model
 from tests.test_engine_generate import engine_greedy, hf_greedy, mixed_prompts
 from tests.test_engine_score import TOL, hf_token_logprobs, random_pairs
+from tests.tiny_checkpoints import VOCAB_SIZE
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -35,6 +36,22 @@ def test_preemption_and_chunked_prefill_on_cuda(tiny_llama_dir):
     expected = hf_greedy(hf_model(tiny_llama_dir).cuda(), prompts, sorted(llm.engine.eos_token_ids))
     assert engine_greedy(llm, prompts) == expected
     assert llm.engine.scheduler.num_preemptions > 0
+
+
+@cuda
+def test_seeded_samples_are_the_same_on_cuda_as_on_cpu(tiny_llama_dir):
+    """A sample's random numbers depend only on its seed, index and position (engine/random_streams.py), so
+    on two devices whose fp32 logits agree it draws the same tokens. A draw can still differ where a number
+    falls within rounding of a CDF boundary, after which that sample goes its own way: nearly all must agree."""
+    prompts = mixed_prompts(VOCAB_SIZE)[:8]
+    params = [SamplingParams(n=4, temperature=1.0, top_p=0.9, seed=100 + i, max_tokens=12, ignore_eos=True)
+              for i in range(len(prompts))]
+    samples = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(tiny_llama_dir, dtype="float32", device=device, max_num_seqs=16, seed=0)
+        samples[device] = [c.token_ids for o in llm.generate(prompts, params, use_tqdm=False) for c in o.outputs]
+    same = sum(a == b for a, b in zip(samples["cpu"], samples["cuda"]))
+    assert same >= 0.9 * len(samples["cpu"]) and len({tuple(s) for s in samples["cuda"]}) > 1
 
 
 @cuda
