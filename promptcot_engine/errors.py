@@ -8,4 +8,8 @@ It subclasses ValueError so callers that already catch ValueError keep working.
 
 
 class InputError(ValueError):
-    pass
+    def __init__(self, message: str, item: int | None = None):
+        super().__init__(message)
+        # the index of the prompt or pair at fault in a batched call (LLM.generate, LLM.score), so that a
+        # caller that read them from a file can name the line
+        self.item = item

@@ -16,7 +16,6 @@ import re
 
 from promptcot_engine.em.concepts import parse_concepts
 from promptcot_engine.em.config import EMConfig
-from promptcot_engine.em.seeding import record_seed
 from promptcot_engine.em.templates import (
     CODE_LEVEL,
     concept_extraction_prompt,
@@ -26,6 +25,7 @@ from promptcot_engine.em.templates import (
     rationale_prompt,
 )
 from promptcot_engine.engine.llm import LLM
+from promptcot_engine.engine.random_streams import record_seed
 from promptcot_engine.errors import InputError
 from promptcot_engine.sampling_params import SamplingParams
 

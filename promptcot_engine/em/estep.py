@@ -5,7 +5,6 @@ scored); the argmax is kept as the (c, x) pair's rationale, and q is then fine-t
 from __future__ import annotations
 
 from promptcot_engine.em.config import EMConfig
-from promptcot_engine.em.seeding import record_seed
 from promptcot_engine.em.templates import (
     PROBLEM_SEGMENT,
     RATIONALE_SEGMENT,
@@ -14,6 +13,7 @@ from promptcot_engine.em.templates import (
     rationale_model_prompt,
 )
 from promptcot_engine.engine.llm import LLM
+from promptcot_engine.engine.random_streams import record_seed
 from promptcot_engine.sampling_params import SamplingParams
 
 

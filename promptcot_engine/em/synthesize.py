@@ -4,9 +4,9 @@ pair are dropped and counted; the rest are deduplicated (exact, then MinHash + J
 from __future__ import annotations
 
 from promptcot_engine.em.config import EMConfig
-from promptcot_engine.em.seeding import record_seed
 from promptcot_engine.em.templates import parse_prompt_model_output, prompt_model_prompt
 from promptcot_engine.engine.llm import LLM
+from promptcot_engine.engine.random_streams import record_seed
 from promptcot_engine.sampling_params import SamplingParams
 
 

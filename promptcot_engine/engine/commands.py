@@ -1,6 +1,8 @@
 """CLI: promptcot generate, promptcot score (JSONL in, JSONL out)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -29,8 +31,9 @@ def make_llm(model: str, dtype: str, device: str, max_num_seqs: int, kv_cache_gb
     return LLM(model, dtype=dtype, device=device, seed=seed, max_num_seqs=max_num_seqs, kv_cache_memory_gb=kv_cache_gb)
 
 
-def _read_prompts(path: Path, chat: bool, tokenizer) -> tuple[list[str], list[str]]:
-    ids, prompts = [], []
+def _read_prompts(path: Path, chat: bool, tokenizer) -> tuple[list[str], list[str], list[int]]:
+    """(ids, prompt texts, line numbers) of a JSONL file of {'prompt'} or {'messages'} records."""
+    ids, prompts, lines = [], [], []
     for line, record in iter_jsonl(path):
         if "messages" in record:
             if not isinstance(record["messages"], list):
@@ -42,7 +45,19 @@ def _read_prompts(path: Path, chat: bool, tokenizer) -> tuple[list[str], list[st
         else:
             raise InputError(f"{path}:{line}: needs a string field 'prompt' or a list field 'messages'")
         ids.append(str(record.get("id", line)))
-    return ids, prompts
+        lines.append(line)
+    return ids, prompts, lines
+
+
+@contextmanager
+def naming_lines(path: Path | None, lines: list[int]):
+    """Name the file and line of a prompt or pair the engine refuses (it knows only the index in its batch)."""
+    try:
+        yield
+    except InputError as e:
+        if path is None or e.item is None or e.item >= len(lines):
+            raise
+        raise InputError(f"{path}:{lines[e.item]}: {e}", e.item) from None
 
 
 @click.command()
@@ -57,32 +72,48 @@ def _read_prompts(path: Path, chat: bool, tokenizer) -> tuple[list[str], list[st
 @click.option("--top-k", default=-1, show_default=True)
 @click.option("--min-p", default=0.0, show_default=True)
 @click.option("--max-tokens", default=256, show_default=True)
+@click.option("--min-tokens", default=0, show_default=True)
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
-@click.option("--seed", type=int, default=None, help="Per-request seed (reproducible whatever the batch).")
+@click.option("--stop-token-id", "stop_token_ids", type=int, multiple=True, help="Stop token id (repeatable).")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
+@click.option("--logprobs", is_flag=True, help="Also write the log-prob of each sampled token.")
+@click.option("--seed", type=int, default=None,
+              help="Base seed: each record samples with a seed derived from it and the record's id, so that a "
+                   "record draws the same tokens whatever else is in the file, and no two records share draws.")
 def generate(model, dtype, device, max_num_seqs, kv_cache_gb, input_path, prompt_texts, output, chat, n, temperature,
-             top_p, top_k, min_p, max_tokens, stop, seed):
+             top_p, top_k, min_p, max_tokens, min_tokens, stop, stop_token_ids, ignore_eos, logprobs, seed):
     """Generate completions for prompts from --input (JSONL) or --prompt."""
+    from promptcot_engine.engine.random_streams import record_seed
     from promptcot_engine.sampling_params import SamplingParams
 
     if not input_path and not prompt_texts:
         raise InputError("give --input FILE.jsonl or at least one --prompt")
     params = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, max_tokens=max_tokens,
-                            stop=list(stop), seed=seed)
+                            min_tokens=min_tokens, stop=list(stop), stop_token_ids=list(stop_token_ids),
+                            ignore_eos=ignore_eos, logprobs=logprobs)
     llm = make_llm(model, dtype, device, max_num_seqs, kv_cache_gb)
-    ids, prompts = _read_prompts(input_path, chat, llm.tokenizer) if input_path else ([], [])
+    ids, prompts, lines = _read_prompts(input_path, chat, llm.tokenizer) if input_path else ([], [], [])
     for i, text in enumerate(prompt_texts):
         ids.append(f"prompt{i}")
         prompts.append(llm.tokenizer.apply_chat_template([{"role": "user", "content": text}]) if chat else text)
-    outputs = llm.generate(prompts, params)
+    per_record = params if seed is None else [replace(params, seed=record_seed(seed, i)) for i in ids]
+    with naming_lines(input_path, lines):
+        outputs = llm.generate(prompts, per_record)
     if output:
-        write_jsonl(output, ({"id": i, "prompt": o.prompt, "outputs": [
-            {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason} for c in o.outputs]}
-            for i, o in zip(ids, outputs)))
+        write_jsonl(output, ({"id": i, "prompt": o.prompt, "outputs": [_completion_record(c) for c in o.outputs]}
+                             for i, o in zip(ids, outputs)))
         click.echo(f"wrote {len(outputs)} records to {output}", err=True)
         return
     for o in outputs:
         for c in o.outputs:
             click.echo(c.text)
+
+
+def _completion_record(c) -> dict:
+    record = {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+    if c.logprobs is not None:
+        record["logprobs"] = c.logprobs
+    return record
 
 
 @click.command()
@@ -93,7 +124,7 @@ def generate(model, dtype, device, max_num_seqs, kv_cache_gb, input_path, prompt
 @click.option("--token-logprobs/--no-token-logprobs", default=False, help="Also write every token's log-prob.")
 def score(model, dtype, device, max_num_seqs, kv_cache_gb, input_path, output, token_logprobs):
     """Teacher-forced log-likelihood of each continuation given its context."""
-    ids, contexts, continuations = [], [], []
+    ids, contexts, continuations, lines = [], [], [], []
     for line, record in iter_jsonl(input_path):
         context, continuation = record.get("context"), record.get("continuation")
         if not isinstance(context, str):
@@ -104,8 +135,10 @@ def score(model, dtype, device, max_num_seqs, kv_cache_gb, input_path, output, t
         ids.append(record.get("id", line))
         contexts.append(context)
         continuations.append(continuation)
+        lines.append(line)
     llm = make_llm(model, dtype, device, max_num_seqs, kv_cache_gb)
-    results = llm.score(contexts, continuations)
+    with naming_lines(input_path, lines):
+        results = llm.score(contexts, continuations)
     records = []
     for i, r in zip(ids, results):
         record = {"id": i, "logprob_sum": r.logprob_sum, "num_tokens": len(r.token_ids), "is_greedy": r.is_greedy}

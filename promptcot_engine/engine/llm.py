@@ -42,7 +42,7 @@ class LLM:
             raise InputError(f"sampling_params: got {len(params)} for {len(prompts)} prompts")
         token_ids = [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
         for i, (ids, p) in enumerate(zip(token_ids, params)):  # all checked before any work starts
-            self.engine.check_prompt(ids, f"prompt {i}", p.max_tokens)
+            self.engine.check_prompt(ids, "prompt", i, p.max_tokens)
         for i, (ids, p) in enumerate(zip(token_ids, params)):
             self.engine.add_request(i, ids, p)
         finished = self._run(len(prompts), use_tqdm, "generate")
@@ -53,7 +53,8 @@ class LLM:
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, SequenceABC) and all(isinstance(t, int) for t in prompt):
             return list(prompt)
-        raise InputError(f"prompt {index}: expected a string or a list of token ids, got {type(prompt).__name__}")
+        raise InputError(f"prompt {index}: expected a string or a list of token ids, got {type(prompt).__name__}",
+                         index)
 
     @staticmethod
     def _request_output(request: Request, prompt) -> RequestOutput:
@@ -94,7 +95,7 @@ class LLM:
             raise InputError(f"score: {len(contexts)} contexts but {len(continuations)} continuations")
         pairs = [self._pair_ids(c, x, i) for i, (c, x) in enumerate(zip(contexts, continuations))]
         for i, (context_ids, segments) in enumerate(pairs):
-            self.engine.check_prompt(context_ids + [t for s in segments for t in s], f"pair {i}", 0)
+            self.engine.check_prompt(context_ids + [t for s in segments for t in s], "pair", i, 0)
 
         results: dict[int, Request] = {}
         for wave in self._score_waves([tuple(c) for c, _ in pairs]):
@@ -123,9 +124,10 @@ class LLM:
         segments = [self._segment_ids(s, index) for s in continuation] if _is_segmented(continuation) \
             else [self._segment_ids(continuation, index)]
         if not any(segments):
-            raise InputError(f"pair {index}: empty continuation")
+            raise InputError(f"pair {index}: empty continuation", index)
         if not context_ids:
-            raise InputError(f"pair {index}: empty context (the first continuation token needs something before it)")
+            raise InputError(f"pair {index}: empty context (the first continuation token needs something before it)",
+                             index)
         return context_ids, segments
 
     def _segment_ids(self, segment: Segment, index: int, add_special_tokens: bool = False) -> list[int]:
@@ -133,7 +135,7 @@ class LLM:
             return self.tokenizer.encode(segment, add_special_tokens=add_special_tokens)
         if isinstance(segment, SequenceABC) and all(isinstance(t, int) for t in segment):
             return list(segment)
-        raise InputError(f"pair {index}: expected a string or a list of token ids, got {type(segment).__name__}")
+        raise InputError(f"pair {index}: expected a string or a list of token ids, got {type(segment).__name__}", index)
 
     def _score_waves(self, contexts: list[tuple[int, ...]]) -> Iterable[list[int]]:
         """Order the pairs so a shared context is computed once: for each group of contexts that fits in half

@@ -60,23 +60,25 @@ class LLMEngine:
         self.stats = EngineStats()
 
     # ---- requests ---------------------------------------------------------------------------------------
-    def check_prompt(self, token_ids: list[int], what: str, max_new_tokens: int) -> None:
+    def check_prompt(self, token_ids: list[int], kind: str, index: int, max_new_tokens: int) -> None:
+        """kind and index name the prompt or pair in the error: "prompt 3", "pair 0"."""
+        what = f"{kind} {index}"
         if not token_ids:
-            raise InputError(f"{what} is empty")
+            raise InputError(f"{what} is empty", index)
         vocab = self.model.config.vocab_size
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise InputError(f"{what} has token id {bad}, outside the vocabulary [0, {vocab})")
+            raise InputError(f"{what} has token id {bad}, outside the vocabulary [0, {vocab})", index)
         if len(token_ids) >= self.max_model_len:
             raise InputError(f"{what} has {len(token_ids)} tokens: longer than the model's context "
-                             f"({self.max_model_len} tokens, room for at least one more needed)")
+                             f"({self.max_model_len} tokens, room for at least one more needed)", index)
         need = -(-min(len(token_ids) + max_new_tokens, self.max_model_len) // self.runner.block_size)
         if need > self.runner.num_blocks:
             raise InputError(f"{what} needs {need} KV blocks but the cache has {self.runner.num_blocks}; "
-                             "raise kv_cache_memory_gb or lower max_tokens")
+                             "raise kv_cache_memory_gb or lower max_tokens", index)
 
     def add_request(self, request_id: int, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.check_prompt(prompt_token_ids, f"prompt {request_id}", params.max_tokens)
+        self.check_prompt(prompt_token_ids, "prompt", request_id, params.max_tokens)
         request = Request(request_id, list(prompt_token_ids), params)
         leader = self._new_sequence(request, 0)
         leader.num_pending_forks = params.n - 1
@@ -85,7 +87,7 @@ class LLMEngine:
 
     def add_score_request(self, request_id: int, token_ids: list[int], score_start: int) -> None:
         """Teacher-forced log-probs of token_ids[score_start:] given everything before each token."""
-        self.check_prompt(token_ids, f"pair {request_id}", 0)
+        self.check_prompt(token_ids, "pair", request_id, 0)
         request = Request(request_id, list(token_ids), _SCORING_PARAMS)
         seq = Sequence(token_ids, _SCORING_PARAMS, request_id, 0, score_start=score_start)
         request.seqs[0] = seq

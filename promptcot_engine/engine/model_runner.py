@@ -41,7 +41,8 @@ def resolve_attention_backend(requested: str, device: torch.device, dtype: torch
         raise InputError(f"attention_backend={requested!r} needs a CUDA device (device is {device})")
     if requested == "flash":
         if not flash_attn_available(device):
-            raise InputError("attention_backend='flash' needs flash-attn: pip install 'promptcot_engine[gpu]'")
+            raise InputError("attention_backend='flash' needs flash-attn: "
+                             "pip install --no-build-isolation 'flash-attn>=2.6'")
         if not flash_fits:
             raise InputError(f"attention_backend='flash' needs dtype float16 or bfloat16 (got {dtype}) and a "
                              f"block_size that is a multiple of 256 (got {block_size})")

@@ -11,6 +11,8 @@ key + (t + 1) * golden gamma, and the key is itself a SplitMix64 output of (seed
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -34,3 +36,12 @@ def uniform_draws(keys: list[int], counters: list[int]) -> np.ndarray:
     """The uniform number in [0, 1) of draw counters[i] of stream keys[i], float64, one per row."""
     state = np.array(keys, dtype=np.uint64) + (np.array(counters, dtype=np.uint64) + np.uint64(1)) * _GAMMA
     return (_mix(state) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def record_seed(base: int, *parts) -> int:
+    """The request seed of one record (an E-step pair, a synthesis prompt, a line of a JSONL file) from a run's
+    base seed and the record's identity: the record gets the same draws whatever batch, chunk or rank it lands
+    in, so a resumed or sharded run samples what an uninterrupted single-process run samples, and two records
+    never share a stream."""
+    digest = hashlib.blake2b(repr((base, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

@@ -15,7 +15,6 @@ from promptcot_engine.kernels.fused_logprob import (
     IGNORE_INDEX,
     chunked_linear_logprob,
     fused_linear_logprob,
-    linear_logprob,
     linear_logprob_partials_triton,
     linear_logprob_reference,
     merge_partials,
