@@ -107,7 +107,7 @@ def check_unit_head_strides(q: torch.Tensor, out: torch.Tensor, k_cache: torch.T
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                                  out: torch.Tensor | None = None, *, block_n: int = 64,
+                                  out: torch.Tensor | None = None, *, block_n: int | None = None,
                                   num_warps: int = 4) -> torch.Tensor:
     B, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -115,6 +115,9 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if out is None:
         out = torch.empty_like(q)
     check_unit_head_strides(q, out, k_cache, v_cache)
+    if block_n is None:
+        # fp32 tiles of 64 keys past head_dim 128 need 168 KiB of shared memory: more than an A100 block has
+        block_n = 32 if q.dtype == torch.float32 and head_dim > 128 else 64
     _paged_decode_attention_kernel[(B, num_kv_heads)](
         out, q, k_cache, v_cache, block_tables, context_lens, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),

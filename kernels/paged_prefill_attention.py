@@ -102,13 +102,14 @@ def _paged_prefill_attention_kernel(
 
 def default_tiles(dtype: torch.dtype, head_dim: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D) the wrapper launches with. tl.dot needs every dimension >= 16: a short
-    head_dim is padded with masked dimensions. Shared memory on sm_90 (228 KiB a block at most), as compiled for
-    BLOCK_M 64: bf16 48 KiB with BLOCK_N 64 at head_dim 128, 96 KiB at 256; fp32 (tf32x3 keeps extra split
-    operands) 192 KiB at 64 x 64 x 128, hence BLOCK_N 32 for fp32 (128 KiB at 128) and 16 past head_dim 128."""
+    head_dim is padded with masked dimensions. Shared memory a block may use: 227 KiB on sm_90, 163 KiB on sm_80
+    (tests/kernels/gpu_launch.py compiles the launches for both). bf16 with 64 x 64 tiles takes 80 KiB at head_dim
+    128 on sm_90, 160 KiB at 256; fp32 (tf32x3 keeps extra split operands) takes 192 KiB at 64 x 64 x 128, hence
+    BLOCK_N 32 for fp32 (128 KiB at 128), and past head_dim 128 tiles of 32 x 16 (64 x 16 takes 168-192 KiB)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype != torch.float32:
         return 64, 64, block_d
-    return 64, (32 if block_d <= 128 else 16), block_d
+    return (64, 32, block_d) if block_d <= 128 else (32, 16, block_d)
 
 
 def paged_prefill_attention_triton(q: torch.Tensor, cu_seqlens_q: torch.Tensor, k_cache: torch.Tensor,

@@ -15,7 +15,6 @@ from promptcot_engine.kernels.paged_attention import (
     paged_decode_attention_triton,
     paged_prefill_attention_torch,
 )
-from tests.kernels.sm90 import assert_compiles_for_sm90
 
 # a GPU run turns the interpreter off (TRITON_INTERPRET=0): the Triton kernel then runs compiled, on CUDA
 KERNEL_DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
@@ -206,16 +205,3 @@ def test_dispatch_rejects_head_counts_that_do_not_group():
     k_cache, v_cache, block_tables, ctx = make_paged_cache([3], 4, 2, 16, torch.float32, seed=14)
     with pytest.raises(ValueError, match="multiple"):
         paged_decode_attention(torch.randn(1, 5, 16), k_cache, v_cache, block_tables, ctx, 0.25)
-
-
-@pytest.mark.parametrize("element,precision", [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "tf32x3")])
-def test_kernel_compiles_for_sm90(element, precision):
-    """The kernel as the GPU runs it compiles to a cubin (see sm90.py)."""
-    ints = ["q_stride_b", "q_stride_h", "out_stride_b", "out_stride_h", "cache_stride_block", "cache_stride_slot",
-            "cache_stride_head", "block_tables_stride", "block_size", "queries_per_kv", "head_dim"]
-    constexprs = {"BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "UPCAST": False, "DOT_PRECISION": precision}
-    signature = {"out_ptr": f"*{element}", "q_ptr": f"*{element}", "k_cache_ptr": f"*{element}",
-                 "v_cache_ptr": f"*{element}", "block_tables_ptr": "*i32", "context_lens_ptr": "*i32", "scale": "fp32",
-                 **{name: "i32" for name in ints}, **{name: "constexpr" for name in constexprs}}
-    assert_compiles_for_sm90("promptcot_engine.kernels.paged_attention", "_paged_decode_attention_kernel", signature,
-                             constexprs, num_warps=4)

@@ -1,6 +1,6 @@
 """The Triton paged prefill-attention kernel (kernels/paged_prefill_attention.py) under TRITON_INTERPRET=1,
 always into a NaN-poisoned output buffer, against the float64 per-sequence loop of test_paged_attention.py and
-against `paged_prefill_attention_torch`, whose contract it takes over; plus its sm_90 compile.
+against `paged_prefill_attention_torch`, whose contract it takes over (its GPU compiles: test_gpu_launch.py).
 
 The grids stay small (a few dozen programs per call; the interpreter costs milliseconds a program), with
 tiles of 16 so that a few tokens already span several query tiles and key tiles."""
@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from promptcot_engine.kernels.paged_attention import paged_decode_attention_triton, paged_prefill_attention_torch
-from promptcot_engine.kernels.paged_prefill_attention import default_tiles, paged_prefill_attention_triton
-from tests.kernels.sm90 import assert_compiles_for_sm90
+from promptcot_engine.kernels.paged_prefill_attention import paged_prefill_attention_triton
 from tests.kernels.test_paged_attention import (
     KERNEL_DEVICE,
     make_paged_cache,
@@ -151,20 +150,3 @@ def test_rejects_inputs_the_kernel_cannot_take():
         paged_prefill_attention_triton(q, cu, *args, block_m=24)
     with pytest.raises(ValueError, match="unit stride"):
         paged_prefill_attention_triton(torch.randn(4, 6, 32)[:, :, ::2], cu, *args)
-
-
-@pytest.mark.parametrize("element,dtype,precision",
-                         [("bf16", torch.bfloat16, "tf32"), ("fp32", torch.float32, "tf32x3")])
-def test_kernel_compiles_for_sm90(element, dtype, precision):
-    """The kernel as the GPU runs it (the wrapper's default tiles, head_dim 128) compiles to a cubin (see sm90.py)."""
-    block_m, block_n, block_d = default_tiles(dtype, 128)
-    ints = ["q_stride_t", "q_stride_h", "out_stride_t", "out_stride_h", "cache_stride_block", "cache_stride_slot",
-            "cache_stride_head", "block_tables_stride", "block_size", "queries_per_kv", "head_dim"]
-    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "UPCAST": False,
-                  "DOT_PRECISION": precision}
-    signature = {"out_ptr": f"*{element}", "q_ptr": f"*{element}", "k_cache_ptr": f"*{element}",
-                 "v_cache_ptr": f"*{element}", "block_tables_ptr": "*i32", "context_lens_ptr": "*i32",
-                 "cu_seqlens_q_ptr": "*i32", "qk_scale": "fp32", **{name: "i32" for name in ints},
-                 **{name: "constexpr" for name in constexprs}}
-    assert_compiles_for_sm90("promptcot_engine.kernels.paged_prefill_attention", "_paged_prefill_attention_kernel",
-                             signature, constexprs, num_warps=4)
