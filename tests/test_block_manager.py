@@ -47,9 +47,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if seq.num_computed_tokens < seq.num_tokens:
             return
         seq.token_ids.append(token)
-        if self.bm.can_append(seq):
-            self.bm.may_append(seq)
-        else:
+        table_before = list(seq.block_table)
+        if self.bm.append_slot(seq):
+            assert len(seq.block_table) == seq.num_blocks(BLOCK_SIZE)
+        else:  # refused only for want of a free block, and then nothing changed
+            assert self.bm.num_free_blocks == 0 and seq.block_table == table_before
             seq.token_ids.pop()
 
     @precondition(lambda self: self.live)
@@ -121,7 +123,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for seq in self.live:
             self.bm.deallocate(seq)
             self.tables.release(seq.seq_id)
-        assert not self.tables.row_of and not self.tables.num_blocks.any() and not self.tables.table.any()
+        assert not self.tables.row_of and not any(self.tables.num_blocks) and not self.tables.table.any()
         assert self.bm.num_free_blocks == self.bm.num_blocks
         assert all(b.ref_count == 0 for b in self.bm.blocks)
 

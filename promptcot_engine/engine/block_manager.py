@@ -110,13 +110,15 @@ class BlockManager:
                 block.hash, block.token_ids = h, tokens
                 self.hash_to_block_id[h] = block.block_id
 
-    def can_append(self, seq: Sequence) -> bool:
-        return len(seq.block_table) >= seq.num_blocks(self.block_size) or self.num_free_blocks > 0
-
-    def may_append(self, seq: Sequence) -> None:
-        """Make room for the sequence's newest token (a new block when it starts one)."""
-        if len(seq.block_table) < seq.num_blocks(self.block_size):
-            seq.block_table.append(self._take_free_block().block_id)
+    def append_slot(self, seq: Sequence) -> bool:
+        """Make room for the sequence's newest token: a new block when it starts one. False, changing nothing,
+        when that needs a block and none is free."""
+        if len(seq.block_table) * self.block_size >= len(seq.token_ids):
+            return True
+        if not self.free_block_ids:
+            return False
+        seq.block_table.append(self._take_free_block().block_id)
+        return True
 
     def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
         """Share the parent's blocks with a new sibling sample. A partly filled last block will be written

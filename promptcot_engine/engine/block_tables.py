@@ -16,7 +16,7 @@ from promptcot_engine.engine.sequence import Sequence
 class BlockTables:
     def __init__(self, max_blocks_per_seq: int, capacity: int = 64):
         self.table = np.zeros((capacity, max_blocks_per_seq), dtype=np.int32)
-        self.num_blocks = np.zeros(capacity, dtype=np.int64)  # blocks written into each row
+        self.num_blocks = [0] * capacity  # blocks written into each row (a list: read per sequence per step)
         # the list each row was copied from: the block manager appends to a sequence's list in place and gives
         # it a new list when the table starts over (allocation after preemption, a fork), so a row whose
         # source is not the sequence's current list is rewritten from the start
@@ -26,26 +26,28 @@ class BlockTables:
 
     def rows(self, seqs: list[Sequence]) -> np.ndarray:
         """Each sequence's row [len(seqs)] int64, brought up to date with its block table."""
-        rows = np.empty(len(seqs), dtype=np.int64)
-        for i, seq in enumerate(seqs):
-            row = self.row_of.get(seq.seq_id)
+        rows = []
+        row_of, sources, num_blocks = self.row_of, self.sources, self.num_blocks
+        for seq in seqs:
+            row = row_of.get(seq.seq_id)
             if row is None:
                 row = self._take_row(seq.seq_id)
             blocks = seq.block_table
-            if self.sources[row] is not blocks:
+            if sources[row] is not blocks:
                 self._clear(row)
-                self.sources[row] = blocks
-            written = self.num_blocks[row]
+                sources[row] = blocks
+            written = num_blocks[row]
             if written < len(blocks):
                 self.table[row, written:len(blocks)] = blocks[written:]
-                self.num_blocks[row] = len(blocks)
-            rows[i] = row
-        return rows
+                num_blocks[row] = len(blocks)
+            rows.append(row)
+        return np.array(rows, dtype=np.int64)
 
     def gather(self, rows: np.ndarray) -> np.ndarray:
         """The rows' tables [len(rows), their longest table], padded with block 0 (never read: past a
         sequence's context)."""
-        width = int(self.num_blocks[rows].max())
+        num_blocks = self.num_blocks
+        width = max(num_blocks[row] for row in rows.tolist())
         return self.table[rows, :width]
 
     def slots(self, rows: np.ndarray, positions: np.ndarray, block_size: int) -> np.ndarray:
@@ -69,7 +71,7 @@ class BlockTables:
         if not self.free_rows:
             capacity = len(self.sources)
             self.table = np.concatenate([self.table, np.zeros_like(self.table)])
-            self.num_blocks = np.concatenate([self.num_blocks, np.zeros_like(self.num_blocks)])
+            self.num_blocks += [0] * capacity
             self.sources += [None] * capacity
             self.free_rows = list(range(2 * capacity - 1, capacity - 1, -1))
         row = self.free_rows.pop()

@@ -126,18 +126,24 @@ class LLMEngine:
         if batch.is_prefill:
             stats.prefill_steps += 1
             stats.prefilled_tokens += sum(batch.num_new_tokens)
-        else:
+            for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                seq.num_computed_tokens += n
+                self.block_manager.mark_computed(seq)
+                if seq.is_scoring:
+                    logprobs, is_argmax = scores.get(seq.seq_id, ([], []))
+                    seq.score_logprobs += logprobs
+                    seq.score_is_argmax += is_argmax
+                    if seq.num_computed_tokens == seq.num_tokens:
+                        self._finish(seq, "stop", None)
+        else:  # one token for each sequence, none of them scoring (scoring finishes with its prefill)
             stats.decode_steps += 1
-            stats.decode_context_tokens += sum(s.num_tokens for s in batch.seqs)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.block_manager.mark_computed(seq)
-            if seq.is_scoring:
-                logprobs, is_argmax = scores.get(seq.seq_id, ([], []))
-                seq.score_logprobs += logprobs
-                seq.score_is_argmax += is_argmax
-                if seq.num_computed_tokens == seq.num_tokens:
-                    self._finish(seq, "stop", None)
+            block_size, context_tokens = self.runner.block_size, 0
+            for seq in batch.seqs:
+                seq.num_computed_tokens += 1
+                context_tokens += seq.num_computed_tokens
+                if seq.num_computed_tokens % block_size == 0:  # a block just filled: register it for reuse
+                    self.block_manager.mark_computed(seq)
+            stats.decode_context_tokens += context_tokens
         if sample_seqs:
             self._sample(sample_seqs, logits, batch.is_prefill)  # reads the sampled tokens: waits for the device
         if self.device.type == "cuda":  # a step with nothing to read back has only queued its kernels
@@ -159,8 +165,9 @@ class LLMEngine:
                     all_seqs.append(child)
         if len(rows) != len(seqs):
             logits = logits[rows]
-        self._suppress_stop_before_min_tokens(logits, all_seqs)
         params = [s.params for s in all_seqs]
+        if any(p.min_tokens for p in params):
+            self._suppress_stop_before_min_tokens(logits, all_seqs)
         uniform = None
         if not all(p.greedy for p in params):  # each row's next number from its own stream, one copy for all
             uniform = torch.from_numpy(uniform_draws([s.random_key for s in all_seqs],
@@ -169,6 +176,7 @@ class LLMEngine:
                                   cpu_kernel=self.config.cpu_kernels)
         # one device-to-host copy each: indexing a CUDA tensor per row would wait on the device once per row
         token_logprobs = [None] * len(all_seqs) if logprobs is None else logprobs.tolist()
+        self.stats.generated_tokens += len(all_seqs)
         for seq, token, logprob in zip(all_seqs, tokens.tolist(), token_logprobs):
             self._append_token(seq, token, logprob)
             if newly_prefilled and seq.status == SequenceStatus.RUNNING:
@@ -202,21 +210,25 @@ class LLMEngine:
                     logits[row, banned] = float("-inf")
 
     def _append_token(self, seq: Sequence, token: int, logprob: float | None) -> None:
+        """Per sequence per step: host time a GPU waits through, hence the lengths read once."""
         p = seq.params
-        seq.token_ids.append(token)
-        self.stats.generated_tokens += 1
+        token_ids = seq.token_ids
+        token_ids.append(token)
+        num_output = len(token_ids) - seq.num_prompt_tokens
         if p.logprobs:
             seq.output_logprobs.append(logprob)
-        new_text = seq.detokenizer.add(token) if seq.detokenizer else ""
-        seq.text += new_text
-        if seq.num_output_tokens >= p.min_tokens:
+        new_text = ""
+        if seq.detokenizer:
+            new_text = seq.detokenizer.add(token)
+            seq.text += new_text
+        if num_output >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 return self._finish(seq, "stop", None)
             if token in p.stop_token_ids:
                 return self._finish(seq, "stop", token)
-            if p.stop and new_text and self._truncate_at_stop_string(seq, len(new_text)):
+            if new_text and self._truncate_at_stop_string(seq, len(new_text)):
                 return None
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= p.max_tokens or len(token_ids) >= self.max_model_len:
             self._finish(seq, "length", None)
 
     def _truncate_at_stop_string(self, seq: Sequence, new_chars: int) -> bool:

@@ -85,14 +85,13 @@ class Scheduler:
         bm = self.block_manager
         while self.running:
             seq = self.running.popleft()
-            while not bm.can_append(seq):
+            while not bm.append_slot(seq):
                 if self.running:
                     self._preempt(self.running.pop())
                 else:
                     self._preempt(seq)
                     break
             else:
-                bm.may_append(seq)
                 scheduled.append(seq)
         self.running.extend(scheduled)
         return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False)
