@@ -53,7 +53,7 @@ def test_generate_greedy_matches_transformers(tiny_llama_dir, hf, tmp_path):
     records = read_records(out)
     assert [r["id"] for r in records] == ["a", "b", "prompt0"]
     prompts = [tokenizer("the sum of two odd numbers").input_ids,
-               tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)).input_ids,
+               tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"],
                tokenizer("an inline prompt").input_ids]
     for record, prompt_ids in zip(records, prompts):
         (completion,) = record["outputs"]
@@ -68,6 +68,7 @@ def test_generate_greedy_matches_transformers(tiny_llama_dir, hf, tmp_path):
         assert completion["text"] == tokenizer.decode(completion["token_ids"], skip_special_tokens=True)
         reference = hf_token_logprobs(model, prompt_ids, completion["token_ids"])
         assert max(abs(a - b) for a, b in zip(completion["logprobs"], reference)) <= 1e-4
+    assert records[1]["prompt"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def test_generate_seeds_each_record_from_its_id(tiny_llama_dir, hf, tmp_path):
@@ -123,6 +124,7 @@ def test_score_matches_transformers(tiny_llama_dir, hf, tmp_path):
 @pytest.mark.parametrize("command,records,message", [
     ("generate", [{"prompt": "a"}, {"prompt": 3}], ":2: needs a string field 'prompt' or a list field 'messages'"),
     ("generate", [{"prompt": "a"}, "{broken"], ":2: invalid JSON"),
+    ("generate", [{"messages": [{"role": "user"}]}], ":1: field 'messages' must be a list of {role, content} objects"),
     ("generate", [{"prompt": "a"}, "", {"prompt": CONTEXT_TOO_LONG}], ":3: prompt 1 has 12000 tokens: longer than"),
     ("score", [{"context": "a", "continuation": "b"}, {"context": "a", "continuation": ""}],
      ":2: pair 1: empty continuation"),

@@ -39,7 +39,7 @@ def sample_and_score(q: LLM, p: LLM, triples: list[dict], config: EMConfig, iter
     candidates, contexts, continuations, scored = [], [], [], []
     for t, out in zip(triples, outputs):
         # tokenized here once, as LLM.score would (special tokens on the context only), to check the length
-        context = p.tokenizer.encode(prompt_model_prompt(t["concepts"], t["level"], t["domain"]), add_special_tokens=True)
+        context = p.tokenizer.encode_prompt(prompt_model_prompt(t["concepts"], t["level"], t["domain"]))
         for c in out.outputs:
             z = c.text.strip()
             record = {"id": t["id"], "iteration": iteration, "k": c.index, "rationale": z,

@@ -31,22 +31,37 @@ def make_llm(model: str, dtype: str, device: str, max_num_seqs: int, kv_cache_gb
     return LLM(model, dtype=dtype, device=device, seed=seed, max_num_seqs=max_num_seqs, kv_cache_memory_gb=kv_cache_gb)
 
 
-def _read_prompts(path: Path, chat: bool, tokenizer) -> tuple[list[str], list[str], list[int]]:
-    """(ids, prompt texts, line numbers) of a JSONL file of {'prompt'} or {'messages'} records."""
-    ids, prompts, lines = [], [], []
+def _read_prompts(path: Path, chat: bool, tokenizer) -> tuple[list[str], list[str | list[int]], list[str], list[int]]:
+    """(ids, prompts, prompt texts, line numbers) of a JSONL file of {'prompt'} or {'messages'} records. A chat
+    prompt is given as its ids, tokenized as transformers tokenizes a chat (see `chat_prompt`)."""
+    ids, prompts, texts, lines = [], [], [], []
     for line, record in iter_jsonl(path):
+        where = f"{path}:{line}"
         if "messages" in record:
-            if not isinstance(record["messages"], list):
-                raise InputError(f"{path}:{line}: field 'messages' must be a list of {{role, content}} objects")
-            prompts.append(tokenizer.apply_chat_template(record["messages"]))
+            messages = record["messages"]
+            if not isinstance(messages, list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages):
+                raise InputError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
+            text, prompt = chat_prompt(tokenizer, messages, where)
         elif isinstance(record.get("prompt"), str):
-            text = record["prompt"]
-            prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": text}]) if chat else text)
+            text = prompt = record["prompt"]
+            if chat:
+                text, prompt = chat_prompt(tokenizer, [{"role": "user", "content": text}], where)
         else:
-            raise InputError(f"{path}:{line}: needs a string field 'prompt' or a list field 'messages'")
+            raise InputError(f"{where}: needs a string field 'prompt' or a list field 'messages'")
         ids.append(str(record.get("id", line)))
+        prompts.append(prompt)
+        texts.append(text)
         lines.append(line)
-    return ids, prompts, lines
+    return ids, prompts, texts, lines
+
+
+def chat_prompt(tokenizer, messages: list[dict], where: str) -> tuple[str, list[int]]:
+    """The conversation rendered by the chat template, and its ids: the template writes its own special tokens
+    (as LLM.chat and transformers' chat tokenization)."""
+    text = tokenizer.render_chat(messages, where)
+    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
 @contextmanager
@@ -79,7 +94,8 @@ def naming_lines(path: Path | None, lines: list[int]):
 @click.option("--logprobs", is_flag=True, help="Also write the log-prob of each sampled token.")
 @click.option("--seed", type=int, default=None,
               help="Base seed: each record samples with a seed derived from it and the record's id, so that a "
-                   "record draws the same tokens whatever else is in the file, and no two records share draws.")
+                   "record draws the same tokens whatever else is in the file, and records with different ids never "
+                   "share draws.")
 def generate(model, dtype, device, max_num_seqs, kv_cache_gb, input_path, prompt_texts, output, chat, n, temperature,
              top_p, top_k, min_p, max_tokens, min_tokens, stop, stop_token_ids, ignore_eos, logprobs, seed):
     """Generate completions for prompts from --input (JSONL) or --prompt."""
@@ -92,16 +108,20 @@ def generate(model, dtype, device, max_num_seqs, kv_cache_gb, input_path, prompt
                             min_tokens=min_tokens, stop=list(stop), stop_token_ids=list(stop_token_ids),
                             ignore_eos=ignore_eos, logprobs=logprobs)
     llm = make_llm(model, dtype, device, max_num_seqs, kv_cache_gb)
-    ids, prompts, lines = _read_prompts(input_path, chat, llm.tokenizer) if input_path else ([], [], [])
+    ids, prompts, texts, lines = _read_prompts(input_path, chat, llm.tokenizer) if input_path else ([], [], [], [])
     for i, text in enumerate(prompt_texts):
+        prompt = text
+        if chat:
+            text, prompt = chat_prompt(llm.tokenizer, [{"role": "user", "content": text}], f"--prompt {i + 1}")
         ids.append(f"prompt{i}")
-        prompts.append(llm.tokenizer.apply_chat_template([{"role": "user", "content": text}]) if chat else text)
+        texts.append(text)
+        prompts.append(prompt)
     per_record = params if seed is None else [replace(params, seed=record_seed(seed, i)) for i in ids]
     with naming_lines(input_path, lines):
         outputs = llm.generate(prompts, per_record)
     if output:
-        write_jsonl(output, ({"id": i, "prompt": o.prompt, "outputs": [_completion_record(c) for c in o.outputs]}
-                             for i, o in zip(ids, outputs)))
+        write_jsonl(output, ({"id": i, "prompt": text, "outputs": [_completion_record(c) for c in o.outputs]}
+                             for i, text, o in zip(ids, texts, outputs)))
         click.echo(f"wrote {len(outputs)} records to {output}", err=True)
         return
     for o in outputs:

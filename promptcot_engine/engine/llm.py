@@ -1,4 +1,4 @@
-"""LLM: the offline entry point (vLLM's names): generate, score, load_weights."""
+"""LLM: the offline entry point (vLLM's names): generate, chat, score, load_weights."""
 from __future__ import annotations
 
 import time
@@ -48,9 +48,27 @@ class LLM:
         finished = self._run(len(prompts), use_tqdm, "generate")
         return [self._request_output(finished[i], prompts[i]) for i in range(len(prompts))]
 
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """`generate` over conversations (one, or a list of them) rendered with the model's chat template and
+        tokenized as transformers tokenizes a chat: the template writes its own special tokens."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        texts, token_ids = [], []
+        for i, conversation in enumerate(conversations):
+            if not isinstance(conversation, list) or not all(isinstance(m, dict) for m in conversation):
+                raise InputError(f"conversation {i}: expected a list of {{role, content}} messages", i)
+            text = self.tokenizer.render_chat(conversation, f"conversation {i}", add_generation_prompt)
+            texts.append(text)
+            token_ids.append(self.tokenizer.encode(text, add_special_tokens=False))
+        outputs = self.generate(token_ids, sampling_params, use_tqdm)
+        for output, text in zip(outputs, texts):
+            output.prompt = text
+        return outputs
+
     def _prompt_ids(self, prompt, index: int) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
+            return self.tokenizer.encode_prompt(prompt)
         if isinstance(prompt, SequenceABC) and all(isinstance(t, int) for t in prompt):
             return list(prompt)
         raise InputError(f"prompt {index}: expected a string or a list of token ids, got {type(prompt).__name__}",
@@ -120,7 +138,7 @@ class LLM:
         return outputs
 
     def _pair_ids(self, context: Segment, continuation, index: int) -> tuple[list[int], list[list[int]]]:
-        context_ids = self._segment_ids(context, index, add_special_tokens=True)
+        context_ids = self._segment_ids(context, index, is_context=True)
         segments = [self._segment_ids(s, index) for s in continuation] if _is_segmented(continuation) \
             else [self._segment_ids(continuation, index)]
         if not any(segments):
@@ -130,9 +148,9 @@ class LLM:
                              index)
         return context_ids, segments
 
-    def _segment_ids(self, segment: Segment, index: int, add_special_tokens: bool = False) -> list[int]:
-        if isinstance(segment, str):
-            return self.tokenizer.encode(segment, add_special_tokens=add_special_tokens)
+    def _segment_ids(self, segment: Segment, index: int, is_context: bool = False) -> list[int]:
+        if isinstance(segment, str):  # a context is a prompt; a continuation segment gets no special tokens
+            return self.tokenizer.encode_prompt(segment) if is_context else self.tokenizer.encode(segment, False)
         if isinstance(segment, SequenceABC) and all(isinstance(t, int) for t in segment):
             return list(segment)
         raise InputError(f"pair {index}: expected a string or a list of token ids, got {type(segment).__name__}", index)

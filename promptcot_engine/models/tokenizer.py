@@ -118,6 +118,17 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt's ids: `encode` with special tokens, except that text already starting with the BOS token
+        (a rendered chat template that writes its own, as Llama 3's does) does not get a second one from the
+        tokenizer's post-processor. transformers' tokenizer(text) would give two, unlike its own chat
+        tokenization; TRL adds BOS only where missing, as here."""
+        ids = self.encode(text)
+        bos, bos_id = self.special_tokens.get("bos_token"), self.bos_token_id
+        if bos_id is not None and ids[:2] == [bos_id, bos_id] and text.startswith(bos):
+            return ids[1:]
+        return ids
+
     def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
@@ -149,6 +160,14 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens, **kwargs
         )
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    def render_chat(self, messages: list[dict], where: str, add_generation_prompt: bool = True) -> str:
+        """apply_chat_template's text, with a template's own failure (raise_exception, a missing field) an
+        InputError naming `where` (a file:line, a conversation's index)."""
+        try:
+            return self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:
+            raise InputError(f"{where}: the chat template failed on these messages ({e})") from None
 
     # ---- saving -------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:

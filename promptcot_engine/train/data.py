@@ -16,8 +16,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import jinja2
-
 from promptcot_engine.errors import InputError
 from promptcot_engine.jsonl import iter_jsonl, require_fields
 from promptcot_engine.kernels.fused_linear_cross_entropy import IGNORE_INDEX
@@ -104,7 +102,7 @@ def tokenize_sft(records: list[tuple[str, dict]], tokenizer: Tokenizer, max_leng
         else:
             require_fields(record, ("prompt", "completion"), source)
             prompt = _text(record, "prompt", source, segments=False)
-            prompt_ids = tokenizer.encode(prompt)
+            prompt_ids = tokenizer.encode_prompt(prompt)
             completion_ids = completion_token_ids(tokenizer, _text(record, "completion", source))
             input_ids, labels = prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
         if len(input_ids) > max_length:
@@ -128,7 +126,7 @@ def tokenize_preferences(records: list[tuple[str, dict]], tokenizer: Tokenizer, 
     examples = []
     for source, record in records:
         require_fields(record, ("prompt", "chosen", "rejected"), source)
-        prompt_ids = tokenizer.encode(_text(record, "prompt", source, segments=False))
+        prompt_ids = tokenizer.encode_prompt(_text(record, "prompt", source, segments=False))
         chosen = completion_token_ids(tokenizer, _text(record, "chosen", source))
         rejected = completion_token_ids(tokenizer, _text(record, "rejected", source))
         refs = _reference_logprobs(record, source)
@@ -198,13 +196,13 @@ def _chat_ids(tokenizer: Tokenizer, messages, source: str) -> tuple[list[int], l
             raise InputError(f"{source}: messages[{i}] must be an object with string 'role' and 'content'")
     if not any(m["role"] == "assistant" for m in messages):
         raise InputError(f"{source}: 'messages' has no assistant turn to train on")
-    text = _render(tokenizer, messages, False, source)
+    text = tokenizer.render_chat(messages, source, False)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], True, source)
-        through = _render(tokenizer, messages[: i + 1], False, source)
+        before = tokenizer.render_chat(messages[:i], source, True)
+        through = tokenizer.render_chat(messages[: i + 1], source, False)
         if not (text.startswith(before) and text.startswith(through) and len(through) > len(before)):
             raise InputError(f"{source}: the chat template does not render messages[{i}] as a prefix of the "
                              "whole conversation, so its assistant tokens cannot be located")
@@ -215,8 +213,3 @@ def _chat_ids(tokenizer: Tokenizer, messages, source: str) -> tuple[list[int], l
     return list(encoding.ids), labels
 
 
-def _render(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool, source: str) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    except jinja2.TemplateError as e:
-        raise InputError(f"{source}: the chat template failed on these messages ({e})") from None
