@@ -273,3 +273,18 @@ def test_stats_count_what_the_steps_did(tiny_model_dir):
     assert (stats.prefill_steps, stats.prefilled_tokens) == (1, 13)
     assert (stats.decode_steps, stats.generated_tokens) == (3, 8)
     assert stats.decode_context_tokens == sum(len(p) + j for p in prompts for j in (1, 2, 3))
+
+
+def test_vllm_prompt_dicts_are_their_text_or_ids(tiny_llama_dir):
+    """vLLM's TextPrompt and TokensPrompt ({"prompt": ...}, {"prompt_token_ids": ...}) give what the bare text
+    or ids give; a dict with neither is an error naming its index."""
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    text, ids = "a prompt", [5, 9, 11, 2]
+    plain = llm.generate([text, ids], params, use_tqdm=False)
+    wrapped = llm.generate([{"prompt": text}, {"prompt_token_ids": ids}], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in wrapped] == [o.outputs[0].token_ids for o in plain]
+    assert [(o.prompt, o.prompt_token_ids) for o in wrapped] == [(text, llm.tokenizer.encode_prompt(text)), (None, ids)]
+    assert llm.generate({"prompt": text}, params, use_tqdm=False)[0].outputs[0].token_ids == plain[0].outputs[0].token_ids
+    with pytest.raises(InputError, match="prompt 1: expected a string or a list of token ids, got dict"):
+        llm.generate([text, {"text": text}], params, use_tqdm=False)

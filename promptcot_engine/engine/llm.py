@@ -29,12 +29,12 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     # ---- generate -----------------------------------------------------------------------------------------
-    def generate(self, prompts: str | list[str] | list[list[int]],
+    def generate(self, prompts: str | dict | list[str | list[int] | dict],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        if isinstance(prompts, str):
+        if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        prompts = list(prompts)
+        prompts = [_unwrap_prompt(p) for p in prompts]
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
@@ -184,6 +184,15 @@ class LLM:
 
         checkpoint = open_checkpoint(weights)
         self.engine.load_weights(checkpoint.iter_weights(), str(checkpoint.path))
+
+
+def _unwrap_prompt(prompt):
+    """vLLM's TextPrompt and TokensPrompt ({"prompt": text}, {"prompt_token_ids": ids}) as the text or ids."""
+    if isinstance(prompt, dict):
+        for key in ("prompt_token_ids", "prompt"):
+            if key in prompt:
+                return prompt[key]
+    return prompt
 
 
 def _is_segmented(continuation) -> bool:
