@@ -104,4 +104,23 @@ def test_bad_pairs_name_their_index(tiny_llama_dir):
         llm.score(["a", "b", "c " * 20], ["x", "y", "z " * 20], use_tqdm=False)
     with pytest.raises(InputError, match="2 contexts but 1 continuations"):
         llm.score(["a", "b"], ["x"], use_tqdm=False)
+    with pytest.raises(InputError, match="pair 0 has 33 tokens: longer than the model's context \\(32 tokens\\)"):
+        llm.score([[5] * 20], [[6] * 13], use_tqdm=False)
     assert not llm.engine.has_unfinished()
+
+
+def test_a_pair_may_fill_the_whole_context(tiny_llama_dir):
+    """Scoring generates nothing, so context + continuation may be exactly the model's context (generation
+    needs room for one more token)."""
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", max_model_len=32)
+    g = torch.Generator().manual_seed(5)
+    context = torch.randint(3, 300, (20,), generator=g).tolist()
+    continuation = torch.randint(3, 300, (12,), generator=g).tolist()
+    (result,) = llm.score([context], [continuation], use_tqdm=False)
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        expected = hf_model(tiny_llama_dir)(ids).logits[0, 19:-1].float().log_softmax(-1)
+    expected = expected.gather(1, torch.tensor(continuation)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(result.token_logprobs), expected, atol=TOL, rtol=0)
+    with pytest.raises(InputError, match="prompt 0 has 32 tokens: .*with room for one new token"):
+        llm.generate([context + continuation], use_tqdm=False)

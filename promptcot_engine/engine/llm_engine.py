@@ -69,9 +69,11 @@ class LLMEngine:
         bad = next((t for t in token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InputError(f"{what} has token id {bad}, outside the vocabulary [0, {vocab})", index)
-        if len(token_ids) >= self.max_model_len:
+        # a prompt needs room for at least one new token; a scored pair (no new token) may fill the context
+        if len(token_ids) + min(max_new_tokens, 1) > self.max_model_len:
+            room = " with room for one new token" if max_new_tokens else ""
             raise InputError(f"{what} has {len(token_ids)} tokens: longer than the model's context "
-                             f"({self.max_model_len} tokens, room for at least one more needed)", index)
+                             f"({self.max_model_len} tokens{room})", index)
         need = -(-min(len(token_ids) + max_new_tokens, self.max_model_len) // self.runner.block_size)
         if need > self.runner.num_blocks:
             raise InputError(f"{what} needs {need} KV blocks but the cache has {self.runner.num_blocks}; "
