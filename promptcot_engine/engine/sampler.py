@@ -93,7 +93,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], uniform: torch.Te
             tokens[greedy_rows] = logits[greedy_rows].argmax(dim=-1)
             rows = [i for i, g in enumerate(greedy) if not g]
             rows_logits, rows_uniform = logits[rows], uniform[rows]
-        sampled = processed_logits(rows_logits, [p for p in params if not p.greedy])
+        sampled = processed_logits(rows_logits, [p for p, g in zip(params, greedy) if not g])
         if cpu_kernel and cpu_sampler_applies(sampled):
             drawn = sample_rows_cpu(sampled, rows_uniform[:, None])
         else:
