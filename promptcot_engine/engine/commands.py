@@ -33,7 +33,7 @@ def make_llm(model: str, dtype: str, device: str, max_num_seqs: int, kv_cache_gb
 
 def _read_prompts(path: Path, chat: bool, tokenizer) -> tuple[list[str], list[str | list[int]], list[str], list[int]]:
     """(ids, prompts, prompt texts, line numbers) of a JSONL file of {'prompt'} or {'messages'} records. A chat
-    prompt is given as its ids, tokenized as transformers tokenizes a chat (see `chat_prompt`)."""
+    prompt is given as its ids, tokenized as transformers tokenizes a chat (`Tokenizer.chat_prompt`)."""
     ids, prompts, texts, lines = [], [], [], []
     for line, record in iter_jsonl(path):
         where = f"{path}:{line}"
@@ -43,11 +43,11 @@ def _read_prompts(path: Path, chat: bool, tokenizer) -> tuple[list[str], list[st
                     isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                     for m in messages):
                 raise InputError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
-            text, prompt = chat_prompt(tokenizer, messages, where)
+            text, prompt = tokenizer.chat_prompt(messages, where)
         elif isinstance(record.get("prompt"), str):
             text = prompt = record["prompt"]
             if chat:
-                text, prompt = chat_prompt(tokenizer, [{"role": "user", "content": text}], where)
+                text, prompt = tokenizer.chat_prompt([{"role": "user", "content": text}], where)
         else:
             raise InputError(f"{where}: needs a string field 'prompt' or a list field 'messages'")
         ids.append(str(record.get("id", line)))
@@ -55,13 +55,6 @@ def _read_prompts(path: Path, chat: bool, tokenizer) -> tuple[list[str], list[st
         texts.append(text)
         lines.append(line)
     return ids, prompts, texts, lines
-
-
-def chat_prompt(tokenizer, messages: list[dict], where: str) -> tuple[str, list[int]]:
-    """The conversation rendered by the chat template, and its ids: the template writes its own special tokens
-    (as LLM.chat and transformers' chat tokenization)."""
-    text = tokenizer.render_chat(messages, where)
-    return text, tokenizer.encode(text, add_special_tokens=False)
 
 
 @contextmanager
@@ -112,7 +105,7 @@ def generate(model, dtype, device, max_num_seqs, kv_cache_gb, input_path, prompt
     for i, text in enumerate(prompt_texts):
         prompt = text
         if chat:
-            text, prompt = chat_prompt(llm.tokenizer, [{"role": "user", "content": text}], f"--prompt {i + 1}")
+            text, prompt = llm.tokenizer.chat_prompt([{"role": "user", "content": text}], f"--prompt {i + 1}")
         ids.append(f"prompt{i}")
         texts.append(text)
         prompts.append(prompt)

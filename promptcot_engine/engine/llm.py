@@ -58,9 +58,9 @@ class LLM:
         for i, conversation in enumerate(conversations):
             if not isinstance(conversation, list) or not all(isinstance(m, dict) for m in conversation):
                 raise InputError(f"conversation {i}: expected a list of {{role, content}} messages", i)
-            text = self.tokenizer.render_chat(conversation, f"conversation {i}", add_generation_prompt)
+            text, ids = self.tokenizer.chat_prompt(conversation, f"conversation {i}", add_generation_prompt)
             texts.append(text)
-            token_ids.append(self.tokenizer.encode(text, add_special_tokens=False))
+            token_ids.append(ids)
         outputs = self.generate(token_ids, sampling_params, use_tqdm)
         for output, text in zip(outputs, texts):
             output.prompt = text

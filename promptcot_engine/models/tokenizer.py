@@ -169,6 +169,13 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise InputError(f"{where}: the chat template failed on these messages ({e})") from None
 
+    def chat_prompt(self, messages: list[dict], where: str,
+                    add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        """The conversation as `render_chat` renders it, and its ids tokenized as transformers tokenizes a chat:
+        no special tokens added, the template writes its own."""
+        text = self.render_chat(messages, where, add_generation_prompt)
+        return text, self.encode(text, add_special_tokens=False)
+
     # ---- saving -------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         """tokenizer.json + tokenizer_config.json, loadable by transformers' AutoTokenizer and by from_dir."""
