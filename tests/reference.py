@@ -31,3 +31,14 @@ def engine_logits(model, sequences: list[list[int]]) -> list[torch.Tensor]:
 def hf_logits(model, sequences: list[list[int]]) -> list[torch.Tensor]:
     with torch.no_grad():
         return [model(torch.tensor([s])).logits[0] for s in sequences]
+
+
+def hf_token_logprobs(model, context: list[int], continuation: list[int]) -> tuple[torch.Tensor, bool]:
+    """transformers' fp32 log p(token | everything before it) for each continuation token, and whether every
+    one is the argmax."""
+    ids = torch.tensor([context + continuation], device=model.device)
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(context) - 1:-1].float()
+    targets = torch.tensor(continuation, device=model.device)
+    logprobs = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    return logprobs.cpu(), bool((logits.argmax(-1) == targets).all())

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from promptcot_engine.cli import main
-from tests.reference import hf_model
+from tests.reference import hf_model, hf_token_logprobs
 
 CONTEXT_TOO_LONG = "word " * 3000  # far past the tiny checkpoints' 2048 positions
 
@@ -32,13 +32,8 @@ def hf(tiny_llama_dir):
     return hf_model(tiny_llama_dir), AutoTokenizer.from_pretrained(tiny_llama_dir)
 
 
-def hf_token_logprobs(model, prompt_ids, output_ids) -> list[float]:
-    """log p(output token | everything before it) from one transformers forward over prompt + output."""
-    ids = torch.tensor([prompt_ids + output_ids])
-    with torch.no_grad():
-        logprobs = model(ids).logits[0].float().log_softmax(-1)
-    positions = torch.arange(len(prompt_ids) - 1, ids.shape[1] - 1)
-    return logprobs[positions, ids[0, positions + 1]].tolist()
+def reference_logprobs(model, prompt_ids, output_ids) -> list[float]:
+    return hf_token_logprobs(model, prompt_ids, output_ids)[0].tolist()
 
 
 def test_generate_greedy_matches_transformers(tiny_llama_dir, hf, tmp_path):
@@ -66,7 +61,7 @@ def test_generate_greedy_matches_transformers(tiny_llama_dir, hf, tmp_path):
         assert completion["token_ids"] == expected
         assert completion["finish_reason"] == ("stop" if stopped else "length")
         assert completion["text"] == tokenizer.decode(completion["token_ids"], skip_special_tokens=True)
-        reference = hf_token_logprobs(model, prompt_ids, completion["token_ids"])
+        reference = reference_logprobs(model, prompt_ids, completion["token_ids"])
         assert max(abs(a - b) for a, b in zip(completion["logprobs"], reference)) <= 1e-4
     assert records[1]["prompt"] == tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
@@ -89,7 +84,7 @@ def test_generate_seeds_each_record_from_its_id(tiny_llama_dir, hf, tmp_path):
     assert [c["token_ids"] for c in by_id["a"]] != [c["token_ids"] for c in by_id["b"]]
     for outputs, prompt in ((by_id["a"], same), (by_id["c"], "far away")):  # sampled tokens' log-probs, unmodified
         for completion in outputs:
-            reference = hf_token_logprobs(model, tokenizer(prompt).input_ids, completion["token_ids"])
+            reference = reference_logprobs(model, tokenizer(prompt).input_ids, completion["token_ids"])
             assert max(abs(a - b) for a, b in zip(completion["logprobs"], reference)) <= 1e-4
 
 
@@ -107,13 +102,12 @@ def test_score_matches_transformers(tiny_llama_dir, hf, tmp_path):
     for record, segments in ((whole, [pairs[0]["continuation"]]), (segmented, pairs[1]["continuation"])):
         segment_ids = [tokenizer(s, add_special_tokens=False).input_ids for s in segments]
         continuation = [t for ids in segment_ids for t in ids]
-        reference = hf_token_logprobs(model, context, continuation)
+        reference, greedy = hf_token_logprobs(model, context, continuation)
+        reference = reference.tolist()
         assert record["num_tokens"] == len(continuation)
         assert max(abs(a - b) for a, b in zip(record["token_logprobs"], reference)) <= 1e-4
         assert record["logprob_sum"] == pytest.approx(sum(reference), abs=1e-3)
-        with torch.no_grad():
-            logits = model(torch.tensor([context + continuation])).logits[0, len(context) - 1:-1]
-        assert record["is_greedy"] == (logits.argmax(-1).tolist() == continuation)
+        assert record["is_greedy"] == greedy
     first_segment = len(tokenizer(pairs[1]["continuation"][0], add_special_tokens=False).input_ids)
     bounds = [0, first_segment, segmented["num_tokens"]]
     assert segmented["segment_logprob_sums"] == pytest.approx(

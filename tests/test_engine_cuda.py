@@ -8,7 +8,8 @@ from promptcot_engine import LLM, SamplingParams
 from promptcot_engine.errors import InputError
 from tests.reference import hf_model
 from tests.test_engine_generate import engine_greedy, hf_greedy, mixed_prompts
-from tests.test_engine_score import TOL, hf_token_logprobs, random_pairs
+from tests.reference import hf_token_logprobs
+from tests.test_engine_score import TOL, random_pairs
 from tests.tiny_checkpoints import VOCAB_SIZE
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -4,18 +4,9 @@ import torch
 
 from promptcot_engine import LLM
 from promptcot_engine.errors import InputError
-from tests.reference import hf_model
+from tests.reference import hf_model, hf_token_logprobs
 
 TOL = 1e-4
-
-
-def hf_token_logprobs(model, context: list[int], continuation: list[int]) -> tuple[torch.Tensor, bool]:
-    ids = torch.tensor([context + continuation], device=model.device)
-    with torch.no_grad():
-        logits = model(ids).logits[0, len(context) - 1:-1].float()
-    targets = torch.tensor(continuation, device=model.device)
-    logprobs = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
-    return logprobs.cpu(), bool((logits.argmax(-1) == targets).all())
 
 
 def random_pairs(vocab: int, shapes, seed=0):
@@ -117,10 +108,7 @@ def test_a_pair_may_fill_the_whole_context(tiny_llama_dir):
     context = torch.randint(3, 300, (20,), generator=g).tolist()
     continuation = torch.randint(3, 300, (12,), generator=g).tolist()
     (result,) = llm.score([context], [continuation], use_tqdm=False)
-    ids = torch.tensor([context + continuation])
-    with torch.no_grad():
-        expected = hf_model(tiny_llama_dir)(ids).logits[0, 19:-1].float().log_softmax(-1)
-    expected = expected.gather(1, torch.tensor(continuation)[:, None])[:, 0]
+    expected, _ = hf_token_logprobs(hf_model(tiny_llama_dir), context, continuation)
     assert torch.allclose(torch.tensor(result.token_logprobs), expected, atol=TOL, rtol=0)
     with pytest.raises(InputError, match="prompt 0 has 32 tokens: .*with room for one new token"):
         llm.generate([context + continuation], use_tqdm=False)
