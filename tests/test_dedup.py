@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from promptcot_engine.cli import main
 from promptcot_engine.em.dedup import dedup, word_set
 from promptcot_engine.errors import InputError
+from tests.jsonl_lines import write_jsonl_lines
 
 
 def reference_dedup(texts):
@@ -120,10 +121,6 @@ def test_other_key_and_bad_records():
         dedup([{"problem": ORIGINAL}, {"text": REWORDED}])
     with pytest.raises(InputError, match="record 0: field 'problem'"):
         dedup([{"problem": 3}])
-
-
-def write_jsonl_lines(path, lines):
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
 
 
 def test_dedup_command(tmp_path):

@@ -1,5 +1,4 @@
 """Seed loading (CHAMP checked against the champ-dataset package's own loader) and concept-set sampling."""
-import json
 import math
 from collections import Counter
 
@@ -8,6 +7,7 @@ import pytest
 from promptcot_engine.em.concept_sampling import sample_concept_sets
 from promptcot_engine.em.seeds import load_champ_seeds, load_seeds, load_seeds_jsonl
 from promptcot_engine.errors import InputError
+from tests.jsonl_lines import write_jsonl_lines
 
 SEED_KEYS = {"id", "problem", "concepts", "level", "answer", "domain"}
 
@@ -46,13 +46,8 @@ def test_load_seeds_champ_with_limit(champ_seeds):
         load_seeds("champ", limit=0)
 
 
-def write_lines(path, lines):
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
-    return path
-
-
 def test_load_seeds_jsonl(tmp_path):
-    path = write_lines(tmp_path / "my_seeds.jsonl", [
+    path = write_jsonl_lines(tmp_path / "my_seeds.jsonl", [
         {"problem": "Find x.", "answer": 42},
         "",
         {"id": "p7", "problem": "Sort it.", "domain": "code", "concepts": ["Sorting"], "level": "codeforces"},
@@ -87,7 +82,7 @@ def test_load_seeds_jsonl(tmp_path):
     ],
 )
 def test_load_seeds_jsonl_errors_name_file_and_line(tmp_path, lines, message):
-    path = write_lines(tmp_path / "seeds.jsonl", lines)
+    path = write_jsonl_lines(tmp_path / "seeds.jsonl", lines)
     with pytest.raises(InputError, match=message):
         load_seeds_jsonl(path)
 

@@ -7,14 +7,10 @@ import torch
 from click.testing import CliRunner
 
 from promptcot_engine.cli import main
+from tests.jsonl_lines import write_jsonl_lines
 from tests.reference import hf_model, hf_token_logprobs
 
 CONTEXT_TOO_LONG = "word " * 3000  # far past the tiny checkpoints' 2048 positions
-
-
-def write_lines(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return path
 
 
 def run(*args):
@@ -39,7 +35,7 @@ def reference_logprobs(model, prompt_ids, output_ids) -> list[float]:
 def test_generate_greedy_matches_transformers(tiny_llama_dir, hf, tmp_path):
     model, tokenizer = hf
     messages = [{"role": "user", "content": "name three primes"}]
-    source = write_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "the sum of two odd numbers"}, "",
+    source = write_jsonl_lines(tmp_path / "in.jsonl", [{"id": "a", "prompt": "the sum of two odd numbers"}, "",
                                                  {"id": "b", "messages": messages}])
     out = tmp_path / "out.jsonl"
     result = run("generate", "--model", tiny_llama_dir, "--device", "cpu", "--dtype", "float32", "--input", source,
@@ -75,9 +71,9 @@ def test_generate_seeds_each_record_from_its_id(tiny_llama_dir, hf, tmp_path):
     options = ["--model", tiny_llama_dir, "--device", "cpu", "--dtype", "float32", "--n", 2, "--max-tokens", 6,
                "--ignore-eos", "--seed", 7, "--logprobs"]
     first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
-    assert run("generate", *options, "--input", write_lines(tmp_path / "all.jsonl", records),
+    assert run("generate", *options, "--input", write_jsonl_lines(tmp_path / "all.jsonl", records),
                "--output", first).exit_code == 0
-    assert run("generate", *options, "--input", write_lines(tmp_path / "some.jsonl", records[:0:-1]),
+    assert run("generate", *options, "--input", write_jsonl_lines(tmp_path / "some.jsonl", records[:0:-1]),
                "--output", second).exit_code == 0
     by_id = {r["id"]: r["outputs"] for r in read_records(first)}
     assert {r["id"]: r["outputs"] for r in read_records(second)} == {"b": by_id["b"], "c": by_id["c"]}
@@ -94,7 +90,7 @@ def test_score_matches_transformers(tiny_llama_dir, hf, tmp_path):
              {"context": "Concepts: parity.", "continuation": [" Rationale: odd plus odd.", " Problem: why even?"]}]
     out = tmp_path / "scores.jsonl"
     result = run("score", "--model", tiny_llama_dir, "--device", "cpu", "--dtype", "float32",
-                 "--input", write_lines(tmp_path / "pairs.jsonl", pairs), "--output", out, "--token-logprobs")
+                 "--input", write_jsonl_lines(tmp_path / "pairs.jsonl", pairs), "--output", out, "--token-logprobs")
     assert result.exit_code == 0, result.output
     whole, segmented = read_records(out)
     assert (whole["id"], segmented["id"]) == (7, 2)  # a record without an id is named by its line
@@ -127,7 +123,7 @@ def test_score_matches_transformers(tiny_llama_dir, hf, tmp_path):
     ("score", [{"context": "a", "continuation": ["b", 2]}], ":1: 'continuation' must be a string or a list of strings"),
 ])
 def test_bad_input_names_file_and_line_and_keeps_the_output(tiny_llama_dir, tmp_path, command, records, message):
-    source, out = write_lines(tmp_path / "in.jsonl", records), tmp_path / "out.jsonl"
+    source, out = write_jsonl_lines(tmp_path / "in.jsonl", records), tmp_path / "out.jsonl"
     out.write_text("previous output\n")
     result = run(command, "--model", tiny_llama_dir, "--device", "cpu", "--input", source, "--output", out)
     assert result.exit_code == 2, result.output
